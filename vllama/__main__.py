@@ -1,0 +1,3 @@
+from vllama.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Thin HTTP routers: `openai` (proxied model routes), `admin` (what the CLI calls)."""

@@ -1,0 +1,145 @@
+"""The admin API the CLI talks to (under /vllama/). Thin: every operation is a Manager method."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from vllama import __version__
+from vllama import engine as eng
+from vllama.config import update_model_entry
+from vllama.errors import BadRequest, ConfigError, NotFound
+from vllama.instance import State
+from vllama.manager import Manager
+
+router = APIRouter(prefix="/vllama")
+
+
+def manager_of(request: Request) -> Manager:
+    manager: Manager = request.app.state.manager
+    return manager
+
+
+class ModelRef(BaseModel):
+    model: str
+
+
+class StartBody(ModelRef):
+    wait: bool = True  # False: return once the start is under way (the CLI then polls ps for progress)
+
+
+class SleepBody(ModelRef):
+    level: Literal[1, 2, 3] = 2
+
+
+class AssignBody(ModelRef):
+    devices: list[int] | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0)
+    keep_alive: Any = None
+    pinned: bool | None = None
+    restart: bool = False
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    m = manager_of(request)
+    s = m.settings
+    return {
+        "version": __version__,
+        "host": s.host,
+        "port": s.port,
+        "home": str(s.home),
+        "models_file": str(s.models_path),
+        "logs_dir": str(s.logs_dir),
+        "config_error": m.config_error,
+        "configured_models": sorted(m.models.models),
+        "device_kind": m.probe.kind,
+        "sleep_mode": m.probe.supports_sleep,
+        "devices": m.devices_snapshot(),
+        "vllm_command": s.vllm_command,
+        "uptime_seconds": round(time.time() - m.started_at, 1),
+        "evictions": m.evictions,
+        "last_eviction": m.last_eviction,
+        "keep_alive_default": s.keep_alive.model_dump(),
+        "health": "ok",
+    }
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict[str, Any]:
+    m = manager_of(request)
+    return {"models": m.ps(), "devices": m.devices_snapshot(), "last_eviction": m.last_eviction}
+
+
+@router.post("/start")
+async def start(body: StartBody, request: Request) -> dict[str, Any]:
+    m = manager_of(request)
+    inst = m.instance(body.model)
+    if body.wait:
+        await m.start(body.model)
+        return inst.snapshot()
+    task = asyncio.get_running_loop().create_task(m.start(body.model))
+    m.background(task)
+    # give the start a moment to be placed, so the answer carries the log path
+    for _ in range(40):
+        if task.done() or inst.state is not State.STOPPED or inst.engine is not None:
+            break
+        await asyncio.sleep(0.05)
+    return inst.snapshot()
+
+
+@router.post("/stop")
+async def stop(body: ModelRef, request: Request) -> dict[str, Any]:
+    inst = await manager_of(request).stop(body.model)
+    return inst.snapshot()
+
+
+@router.post("/sleep")
+async def sleep(body: SleepBody, request: Request) -> dict[str, Any]:
+    inst, note = await manager_of(request).sleep(body.model, body.level)
+    return {**inst.snapshot(), "note": note}
+
+
+@router.post("/assign")
+async def assign(body: AssignBody, request: Request) -> dict[str, Any]:
+    m = manager_of(request)
+    name, _ = m.resolve(body.model)
+    changes = body.model_dump(exclude={"model", "restart"}, exclude_none=True)
+    if not changes and not body.restart:
+        raise BadRequest("nothing to assign: give --devices, --gpu-memory or another setting")
+    if "gpu_memory_utilization" in changes:
+        changes["gpu_memory_gib"] = None
+    if "gpu_memory_gib" in changes:
+        changes["gpu_memory_utilization"] = None
+    try:
+        cfg = update_model_entry(m.settings.models_path, name, {k: v for k, v in changes.items()})
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from None
+    m.load_config()
+    restarted = False
+    inst = m.instances.get(name)
+    if body.restart and inst is not None and inst.state is not State.STOPPED:
+        await m.stop(name)
+        await m.start(name)
+        restarted = True
+    return {"model": name, "config": cfg.model_dump(exclude_defaults=True), "restarted": restarted}
+
+
+@router.get("/logs")
+async def logs(request: Request, model: str, lines: int = 50) -> dict[str, Any]:
+    m = manager_of(request)
+    name, _ = m.resolve(model)
+    inst = m.instances.get(name)
+    if inst is None or inst.last_log is None:
+        raise NotFound(f"{name} has no log yet (it has not been started by this vllama)")
+    return {
+        "model": name,
+        "log": str(inst.last_log),
+        "lines": eng.log_tail(inst.last_log, max(1, min(lines, 2000))),
+    }

@@ -1,0 +1,346 @@
+"""Daemon settings (environment / CLI flags) and the per-model `models.yaml` schema.
+
+`models.yaml` maps a model name (a Hugging Face id, a local path, or any name with `model:` pointing at one)
+to its settings. Unknown keys and bad values are errors that name the model, the key and the value: a typo must
+never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllama.errors import ConfigError
+
+GIB = 1024**3
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from `30`, `"90s"`, `"5m"`, `"1h30m"`; None for "never" (`-1`, `"never"`, `"forever"`, null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        return None if value < 0 else float(value)
+    text = str(value).strip().lower()
+    if text in ("never", "forever", "inf", "-1"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        pass
+    else:
+        return None if number < 0 else number
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h30m, or -1 for never)")
+    return total
+
+
+# flags vllama owns: a child must bind 127.0.0.1 (its sleep/RPC endpoints are unauthenticated) on vllama's port
+_RESERVED_FLAGS = {"--host", "--port", "--served-model-name", "--model"}
+
+
+class KeepAlive(BaseModel):
+    """Idle times (since the last request finished) after which an idle model steps down.
+
+    Each step is skipped when null; a step that needs sleep mode is skipped where the engine has none (CPU).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sleep_l1: float | None = 5 * 60.0
+    sleep_l2: float | None = 30 * 60.0
+    stop: float | None = 2 * 3600.0
+
+    @field_validator("sleep_l1", "sleep_l2", "stop", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return parse_duration(value)
+
+    @classmethod
+    def parse(cls, value: Any) -> KeepAlive:
+        """A mapping, or a scalar: how long the model stays loaded before it is stopped (Ollama's meaning)."""
+        if isinstance(value, KeepAlive):
+            return value
+        if isinstance(value, dict):
+            return cls.model_validate(value)
+        return cls(sleep_l1=None, sleep_l2=None, stop=parse_duration(value))
+
+
+class ModelConfig(BaseModel):
+    """One entry of models.yaml. Field names follow the spec (and vLLM's flags) where they exist."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(default=None, description="what vLLM loads (HF id or path); default: the name")
+    aliases: list[str] = Field(default_factory=list)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    gpu_memory_gib: float | None = Field(default=None, gt=0, description="need per device in GiB")
+    max_model_len: int | None = Field(default=None, gt=0)
+    devices: list[int] | None = None
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    pinned: bool = False
+    sleep_level: Literal[1, 2, 3] = 2
+    keep_alive: KeepAlive | None = None
+    startup_timeout: float | None = Field(default=None, gt=0)
+    vllm_command: list[str] | None = Field(default=None, description="command prefix that runs vLLM's server")
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> KeepAlive | None:
+        return None if value is None else KeepAlive.parse(value)
+
+    @field_validator("startup_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> float | None:
+        return parse_duration(value)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, str):
+            return [int(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_valid(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("devices must name at least one device (or be left out)")
+        if any(d < 0 for d in value) or len(set(value)) != len(value):
+            raise ValueError(f"devices must be distinct non-negative indices, got {value}")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_bind_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            flag = arg.split("=", 1)[0]
+            if flag in _RESERVED_FLAGS:
+                raise ValueError(f"{flag} is set by vllama (children bind 127.0.0.1 on a port vllama picks)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.gpu_memory_utilization is not None and self.gpu_memory_gib is not None:
+            raise ValueError("set gpu_memory_utilization or gpu_memory_gib, not both")
+        if (
+            self.devices is not None
+            and self.tensor_parallel_size is not None
+            and len(self.devices) != self.tensor_parallel_size
+        ):
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} needs exactly that many devices, "
+                f"got devices {self.devices}"
+            )
+        return self
+
+    @property
+    def source(self) -> str | None:
+        return self.model
+
+    @property
+    def tp(self) -> int:
+        if self.tensor_parallel_size is not None:
+            return self.tensor_parallel_size
+        return len(self.devices) if self.devices else 1
+
+
+class ModelsFile:
+    """The parsed models.yaml: name → config, with aliases resolved."""
+
+    def __init__(self, models: dict[str, ModelConfig] | None = None) -> None:
+        self.models: dict[str, ModelConfig] = dict(models or {})
+        self.aliases: dict[str, str] = {}
+        for name, cfg in self.models.items():
+            for alias in cfg.aliases:
+                if alias in self.models or alias in self.aliases:
+                    raise ConfigError(f"models.yaml: alias {alias!r} of model {name!r} is already a model or alias")
+                self.aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def get(self, name: str) -> ModelConfig | None:
+        return self.models.get(self.canonical(name))
+
+
+def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
+    if data is None:
+        return ModelsFile()
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{origin}: the top level must be a mapping of model name to settings, got {type(data).__name__}"
+        )
+    models: dict[str, ModelConfig] = {}
+    for name, raw in data.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{origin}: model names must be non-empty strings, got {name!r}")
+        try:
+            models[name] = ModelConfig.model_validate(raw or {})
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(origin, name, raw, exc)) from None
+    return ModelsFile(models)
+
+
+def describe_validation_error(origin: str, name: str, raw: Any, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        key = str(err["loc"][0]) if err["loc"] else None
+        value = raw.get(key) if isinstance(raw, dict) and key is not None else raw
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(ModelConfig.model_fields))
+            problems.append(f"unknown key {loc!r} (known keys: {known})")
+        else:
+            problems.append(f"key {loc!r} has bad value {value!r}: {err['msg']}")
+    return f"{origin}: model {name!r}: " + "; ".join(problems)
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    if not path.exists():
+        return ModelsFile()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_models(data, str(path))
+
+
+def update_model_entry(path: Path, name: str, changes: dict[str, Any]) -> ModelConfig:
+    """Merge `changes` into the model's entry of models.yaml and write it back; validated before writing."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+            data = loaded
+    entry = dict(data.get(name) or {})
+    entry.update(changes)
+    entry = {k: v for k, v in entry.items() if v is not None}
+    data[name] = entry
+    parsed = parse_models(data, str(path))  # refuses to write anything invalid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    tmp.replace(path)
+    return parsed.models[name]
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass
+class Settings:
+    """Daemon-wide settings; each has an environment variable `VLLAMA_<NAME>`."""
+
+    home: Path = field(default_factory=lambda: Path(os.environ.get("VLLAMA_HOME", "~/.vllama")).expanduser())
+    host: str = "0.0.0.0"
+    port: int = 33258
+    log_level: str = "info"
+    # ports handed to vLLM children (each binds 127.0.0.1 only)
+    port_range: tuple[int, int] = (33300, 33999)
+    # the command that runs vLLM's OpenAI server; the model's own `vllm_command` wins
+    vllm_command: list[str] = field(
+        default_factory=lambda: [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    )
+    # "auto" (NVML if a GPU is visible, else the CPU budget), "nvml", "cpu" or "fake" (tests)
+    gpu_probe: str = "auto"
+    cpu_memory_gib: float | None = None  # budget of the CPU "device"; default 80% of RAM
+    cpu_default_model_gib: float = 4.0  # need of a model without a memory setting on the CPU device
+    fake_gpu_ledger: Path | None = None
+    fake_gpu_total_gib: list[float] = field(default_factory=lambda: [8.0])
+    startup_timeout: float = 900.0
+    drain_timeout: float = 60.0  # how long an eviction or sleep waits for in-flight requests
+    stop_timeout: float = 15.0  # SIGTERM → SIGKILL of a child's process group
+    capacity_wait: float = 120.0  # how long a request waits for busy models to free memory
+    memory_settle_timeout: float = 20.0  # how long to wait for freed GPU memory to show up in NVML
+    shutdown_grace: float = 30.0  # in-flight requests may finish this long after SIGTERM
+    # what a sleeping vLLM still holds per device (its CUDA context) until measured: 0.8–1.4 GB on an H100
+    sleep_residual_gib: float = 1.0
+    keep_alive_interval: float = 5.0  # how often idle models are checked against their keep-alive ladder
+    keep_alive: KeepAlive = field(default_factory=KeepAlive)
+    max_body_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def models_path(self) -> Path:
+        return self.home / "models.yaml"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        s = cls()
+        env = os.environ
+        if "VLLAMA_HOST" in env:
+            s.host = env["VLLAMA_HOST"]
+        s.port = _env_int("VLLAMA_PORT", s.port)
+        if env.get("VLLAMA_PORT_RANGE"):
+            lo, hi = env["VLLAMA_PORT_RANGE"].split("-")
+            s.port_range = (int(lo), int(hi))
+        if env.get("VLLAMA_VLLM_COMMAND"):
+            s.vllm_command = env["VLLAMA_VLLM_COMMAND"].split()
+        elif env.get("VLLAMA_VLLM_PYTHON"):
+            s.vllm_command = [env["VLLAMA_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server"]
+        s.gpu_probe = env.get("VLLAMA_GPU_PROBE", s.gpu_probe)
+        if env.get("VLLAMA_CPU_MEMORY_GIB"):
+            s.cpu_memory_gib = float(env["VLLAMA_CPU_MEMORY_GIB"])
+        s.cpu_default_model_gib = _env_float("VLLAMA_CPU_DEFAULT_MODEL_GIB", s.cpu_default_model_gib)
+        if env.get("VLLAMA_FAKE_GPU_LEDGER"):
+            s.fake_gpu_ledger = Path(env["VLLAMA_FAKE_GPU_LEDGER"])
+        if env.get("VLLAMA_FAKE_GPU_TOTAL_GIB"):
+            s.fake_gpu_total_gib = [float(x) for x in env["VLLAMA_FAKE_GPU_TOTAL_GIB"].split(",")]
+        s.startup_timeout = _env_float("VLLAMA_STARTUP_TIMEOUT", s.startup_timeout)
+        s.drain_timeout = _env_float("VLLAMA_DRAIN_TIMEOUT", s.drain_timeout)
+        s.stop_timeout = _env_float("VLLAMA_STOP_TIMEOUT", s.stop_timeout)
+        s.capacity_wait = _env_float("VLLAMA_CAPACITY_WAIT", s.capacity_wait)
+        s.memory_settle_timeout = _env_float("VLLAMA_MEMORY_SETTLE_TIMEOUT", s.memory_settle_timeout)
+        s.shutdown_grace = _env_float("VLLAMA_SHUTDOWN_GRACE", s.shutdown_grace)
+        s.sleep_residual_gib = _env_float("VLLAMA_SLEEP_RESIDUAL_GIB", s.sleep_residual_gib)
+        s.keep_alive_interval = _env_float("VLLAMA_KEEP_ALIVE_INTERVAL", s.keep_alive_interval)
+        if env.get("VLLAMA_KEEP_ALIVE"):
+            import json
+
+            raw = env["VLLAMA_KEEP_ALIVE"]
+            try:
+                s.keep_alive = KeepAlive.parse(json.loads(raw))
+            except json.JSONDecodeError:
+                s.keep_alive = KeepAlive.parse(raw)
+        s.max_body_bytes = _env_int("VLLAMA_MAX_BODY_BYTES", s.max_body_bytes)
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(s, key, value)
+        return s

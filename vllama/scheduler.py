@@ -1,0 +1,240 @@
+"""The placement and eviction policy: pure functions, no I/O, no logging, no clock.
+
+Given the devices' memory, the instances that hold (or will hold) memory on them and one model that needs
+memory, `plan_placement` answers where the model goes and which idle instances to put to sleep or stop first,
+least recently used first. The manager executes the plan step by step and re-reads real memory after each.
+
+vLLM's memory rule: `gpu_memory_utilization × total` must be FREE on every device of an instance when it
+starts (not divided by the tensor-parallel size), so the need is per device, on each device of the placement.
+A sleeping vLLM still holds memory (its CUDA context): sleeping frees `held - asleep_held`, stopping frees
+all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Phase = Literal["running", "sleeping", "busy"]
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    index: int
+    total: int  # bytes
+    free: int  # bytes free now, less what instances still loading have reserved but not yet taken
+
+
+@dataclass(frozen=True)
+class Resident:
+    """An instance holding memory. `busy` = starting, waking, sleeping or stopping right now: not
+    evictable."""
+
+    name: str
+    phase: Phase
+    devices: tuple[int, ...]
+    held: int  # bytes held on each of its devices now
+    asleep_held: int  # bytes it would still hold on each device once asleep (CUDA context)
+    last_used: float
+    in_flight: int = 0
+    pinned: bool = False
+    evict_level: int = 2  # 1 or 2 = sleep at that level, 3 = stop
+
+    @property
+    def evictable(self) -> bool:
+        return self.phase != "busy" and self.in_flight == 0 and not self.pinned
+
+
+@dataclass(frozen=True)
+class Demand:
+    """A model that needs `need` bytes free on each of its devices (`tp` of them)."""
+
+    name: str
+    need: int
+    tp: int = 1
+    devices: tuple[int, ...] | None = None  # fixed by config, or by where a sleeping instance lives
+    held: int = 0  # what the model itself already holds on each of its devices (a sleeper's context)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    name: str
+    level: int  # 1 or 2: sleep at that level; 3: stop
+    frees: int  # estimated bytes freed on each of the victim's devices
+
+
+@dataclass(frozen=True)
+class Placement:
+    devices: tuple[int, ...]
+    evictions: tuple[Eviction, ...] = ()
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """No placement now. `wait`: instances with requests in flight (or mid-transition) hold the memory, so the
+    demand may fit once they drain; otherwise it can never fit as configured."""
+
+    reason: str
+    wait: bool
+    holders: tuple[str, ...] = field(default=())
+
+
+Plan = Placement | Blocked
+
+# cost of an eviction, by level: a stop costs a cold start later, a level-2 wake a reload from disk
+_EVICTION_COST = {1: 1, 2: 2, 3: 10}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
+def plan_placement(
+    devices: Sequence[DeviceMemory], residents: Sequence[Resident], demand: Demand, *, can_sleep: bool = True
+) -> Plan:
+    """Where `demand` goes and what to evict first. `can_sleep=False` (no sleep mode, e.g. CPU) turns every
+    eviction into a stop."""
+    by_index = {d.index: d for d in devices}
+    if demand.devices is not None:
+        unknown = [i for i in demand.devices if i not in by_index]
+        if unknown:
+            return Blocked(f"device(s) {unknown} do not exist (have {sorted(by_index)})", wait=False)
+        candidates = [tuple(demand.devices)]
+    else:
+        if demand.tp > len(by_index):
+            return Blocked(
+                f"tensor_parallel_size {demand.tp} needs {demand.tp} devices, only {len(by_index)} exist",
+                wait=False,
+            )
+        candidates = list(itertools.combinations(sorted(by_index), demand.tp))
+
+    plans = [_plan_on(by_index, devs, residents, demand, can_sleep) for devs in candidates]
+    placements = [p for p in plans if isinstance(p, Placement)]
+    if placements:
+        return min(placements, key=lambda p: _placement_cost(p, by_index, demand))
+    blocked = [p for p in plans if isinstance(p, Blocked)]
+    waiting = [b for b in blocked if b.wait]
+    return min(waiting, key=lambda b: len(b.holders)) if waiting else blocked[0]
+
+
+def _placement_cost(
+    p: Placement, by_index: dict[int, DeviceMemory], demand: Demand
+) -> tuple[int, int, int, tuple[int, ...]]:
+    cost = sum(_EVICTION_COST[e.level] for e in p.evictions)
+    freed = sum(e.frees for e in p.evictions)
+    # with no eviction, spread models out: prefer the devices with the most memory left afterwards
+    left = min(by_index[i].free - demand.need for i in p.devices)
+    return cost, freed, -left, p.devices
+
+
+def _plan_on(
+    by_index: dict[int, DeviceMemory],
+    devs: tuple[int, ...],
+    residents: Sequence[Resident],
+    demand: Demand,
+    can_sleep: bool,
+) -> Plan:
+    for i in devs:
+        if demand.need > by_index[i].total:
+            return Blocked(
+                f"{demand.name} needs {_gib(demand.need)} on device {i}, which has only "
+                f"{_gib(by_index[i].total)} in total",
+                wait=False,
+            )
+    deficit = {i: demand.need - demand.held - by_index[i].free for i in devs}
+    if all(v <= 0 for v in deficit.values()):
+        return Placement(devs)
+
+    others = sorted(
+        (r for r in residents if r.name != demand.name and set(r.devices) & set(devs)),
+        key=lambda r: (r.last_used, r.name),
+    )
+    victims = [r for r in others if r.evictable]
+    chosen: dict[str, Eviction] = {}
+
+    def short() -> bool:
+        return any(v > 0 for v in deficit.values())
+
+    def helps(r: Resident) -> bool:
+        return any(deficit.get(i, 0) > 0 for i in r.devices)
+
+    def credit(r: Resident, amount: int) -> None:
+        for i in r.devices:
+            if i in deficit:
+                deficit[i] -= amount
+
+    # 1) put running idle instances to sleep, least recently used first
+    for r in victims:
+        if not short():
+            break
+        if r.phase == "running" and helps(r):
+            level = r.evict_level if can_sleep else 3
+            frees = r.held if level == 3 else max(r.held - r.asleep_held, 0)
+            chosen[r.name] = Eviction(r.name, level, frees)
+            credit(r, frees)
+    # 2) sleeping still holds a CUDA context: stop sleepers (and the ones just put to sleep), LRU first
+    for r in victims:
+        if not short():
+            break
+        prior = chosen.get(r.name)
+        if not helps(r) or (prior is not None and prior.level == 3):
+            continue
+        if prior is None and r.phase != "sleeping":
+            continue  # a running victim not chosen above does not help
+        remaining = r.asleep_held if prior is not None else r.held
+        chosen[r.name] = Eviction(r.name, 3, (prior.frees if prior is not None else 0) + remaining)
+        credit(r, remaining)
+
+    if not short():
+        order = [r.name for r in victims if r.name in chosen]
+        return Placement(devs, tuple(chosen[n] for n in order))
+
+    short_on = {i: v for i, v in deficit.items() if v > 0}
+    busy = [r for r in others if not r.evictable and not r.pinned and any(i in short_on for i in r.devices)]
+    could_free = {i: sum(r.held for r in busy if i in r.devices) for i in short_on}
+    where = ", ".join(f"device {i} short by {_gib(v)}" for i, v in short_on.items())
+    if busy and all(could_free[i] >= short_on[i] for i in short_on):
+        names = tuple(r.name for r in busy)
+        return Blocked(
+            f"{demand.name} needs {_gib(demand.need)} per device; {where} after evicting every idle model; "
+            f"busy models hold the rest: {', '.join(names)}",
+            wait=True,
+            holders=names,
+        )
+    holders = tuple(r.name for r in others if any(i in short_on for i in r.devices))
+    pinned = [r.name for r in others if r.pinned]
+    return Blocked(
+        f"{demand.name} needs {_gib(demand.need)} per device and does not fit: {where} even after evicting "
+        f"every idle model" + (f" (pinned: {', '.join(pinned)})" if pinned else ""),
+        wait=False,
+        holders=holders,
+    )
+
+
+KeepAliveStep = Literal["sleep_l1", "sleep_l2", "stop"]
+
+
+def keep_alive_step(
+    *,
+    idle_for: float,
+    phase: Literal["running", "sleeping"],
+    sleep_level: int,
+    sleep_l1: float | None,
+    sleep_l2: float | None,
+    stop: float | None,
+    can_sleep: bool,
+) -> KeepAliveStep | None:
+    """The deepest step an idle instance is due for (its idle time against the ladder), if deeper than now.
+
+    `sleep_level` is the current level of a sleeping instance (ignored while running)."""
+    current = 0 if phase == "running" else sleep_level
+    due: KeepAliveStep | None = None
+    if can_sleep and sleep_l1 is not None and idle_for >= sleep_l1 and current < 1:
+        due = "sleep_l1"
+    if can_sleep and sleep_l2 is not None and idle_for >= sleep_l2 and current < 2:
+        due = "sleep_l2"
+    if stop is not None and idle_for >= stop:
+        due = "stop"
+    return due

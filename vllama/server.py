@@ -1,0 +1,95 @@
+"""The FastAPI app factory. The lifespan owns the Manager: it opens it at start-up and, on shutdown, lets
+in-flight requests finish (bounded) and stops every vLLM child."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from vllama import __version__
+from vllama.api import admin, openai
+from vllama.config import Settings
+from vllama.errors import VllamaError, error_body
+from vllama.gpu import GIB, GpuProbe, make_probe
+from vllama.manager import Manager
+
+log = logging.getLogger("vllama")
+
+
+def probe_from_settings(settings: Settings) -> GpuProbe:
+    return make_probe(
+        settings.gpu_probe,
+        cpu_budget=int(settings.cpu_memory_gib * GIB) if settings.cpu_memory_gib else None,
+        ledger=settings.fake_gpu_ledger,
+        fake_totals=[int(g * GIB) for g in settings.fake_gpu_total_gib],
+    )
+
+
+def create_app(settings: Settings, probe: GpuProbe | None = None) -> FastAPI:
+    manager = Manager(settings, probe or probe_from_settings(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await manager.open()
+        log.info(
+            "vllama %s: %s devices %s, models file %s",
+            __version__,
+            manager.probe.kind,
+            [d.name for d in manager.probe.devices()],
+            settings.models_path,
+        )
+        try:
+            yield
+        finally:
+            log.info("shutting down: stopping %d instance(s)", len(manager.instances))
+            await manager.close()
+
+    app = FastAPI(title="vllama", version=__version__, lifespan=lifespan)
+    app.state.manager = manager
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(VllamaError)
+    async def vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
+        return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"invalid request: {loc or 'body'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(error_body(message, "invalid_request_error", "bad_request", loc or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, "invalid_request_error", code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {exc!r}", "server_error", "internal_error"), status_code=500)
+
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        access_log=False,
+    )

@@ -39,9 +39,7 @@ def running(
     return Resident(name, "running", devices, gib(held), gib(asleep), last_used, **kw)  # type: ignore[arg-type]
 
 
-def sleeping(
-    name: str, last_used: float, held: float = 0.5, devices: tuple[int, ...] = (0,), **kw: object
-) -> Resident:
+def sleeping(name: str, last_used: float, held: float = 0.5, devices: tuple[int, ...] = (0,), **kw: object) -> Resident:
     return Resident(name, "sleeping", devices, gib(held), gib(held), last_used, **kw)  # type: ignore[arg-type]
 
 
@@ -50,9 +48,7 @@ def busy(name: str, last_used: float, held: float = 4, devices: tuple[int, ...] 
     return Resident(name, "busy", devices, gib(held), gib(0.5), last_used)
 
 
-def want(
-    name: str, need: float, tp: int = 1, devices: tuple[int, ...] | None = None, held: float = 0
-) -> Demand:
+def want(name: str, need: float, tp: int = 1, devices: tuple[int, ...] | None = None, held: float = 0) -> Demand:
     return Demand(name, gib(need), tp=tp, devices=devices, held=gib(held))
 
 
@@ -501,9 +497,7 @@ KEEP_ALIVE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("idle_for", "phase", "sleep_level", "timeouts", "can_sleep", "expected"), KEEP_ALIVE_CASES
-)
+@pytest.mark.parametrize(("idle_for", "phase", "sleep_level", "timeouts", "can_sleep", "expected"), KEEP_ALIVE_CASES)
 def test_keep_alive_step(
     idle_for: float,
     phase: str,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -21,7 +22,7 @@ def _client(url: str | None) -> Client:
     return Client(url)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(1)
 
@@ -41,8 +42,8 @@ def serve(
     from vllama.errors import ConfigError
     from vllama.server import serve as run
 
-    settings = Settings.from_env(host=host, port=port, log_level=log_level)
     try:
+        settings = Settings.from_env(host=host, port=port, log_level=log_level)
         load_models_file(settings.models_path)  # refuse to start on a bad models.yaml, with its message
     except ConfigError as exc:
         _fail(str(exc))
@@ -71,6 +72,11 @@ def info(url: str = URL_OPTION) -> None:
     )
 
 
+def _width(text: str) -> int:
+    """Columns `text` takes in a terminal: East Asian wide characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def _format_ps(rows: list[dict[str, Any]]) -> str:
     headers = ["MODEL", "STATE", "PORT", "PID", "DEVICES", "MEMORY", "IN-FLIGHT", "LAST ACCESS", "IDLE"]
     table = [headers]
@@ -90,8 +96,11 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
                 f"{r['idle_seconds']:.0f}s",
             ]
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    widths = [max(_width(row[i]) for row in table) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell + " " * (w - _width(cell)) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
     for r in rows:
         if r.get("last_error"):
             lines.append(f"! {r['model']}: {r['last_error']}")
@@ -120,6 +129,7 @@ def start(model: str, url: str = URL_OPTION) -> None:
     shown_log = False
     tty = sys.stdout.isatty()
     last_line = ""
+    last_shown: tuple[str, str] | None = None
     while True:
         if snap.get("log") and not shown_log:
             typer.echo(f"Logs: {snap['log']}")
@@ -143,9 +153,10 @@ def start(model: str, url: str = URL_OPTION) -> None:
         progress = f"[{time.monotonic() - t0:6.1f}s] {state}: {last_line}"
         if tty:
             typer.echo("\r" + progress.ljust(120)[:120], nl=False)
-        else:
+        elif (state, last_line) != last_shown:  # a log or a pipe gets a line per change, not per poll
             typer.echo(progress)
-        time.sleep(0.5 if tty else 2.0)
+            last_shown = (state, last_line)
+        time.sleep(0.25)  # a level-1 wake takes ~0.1 s: poll often enough not to add seconds to it
         rows = [r for r in client.ps()["models"] if r["model"] == snap["model"]]
         snap = rows[0] if rows else snap
 

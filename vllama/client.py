@@ -26,9 +26,15 @@ def default_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def normalize_url(url: str) -> str:
+    """`host:port` or `http://host:port/` → `http://host:port`."""
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
 class Client:
     def __init__(self, url: str | None = None, timeout: float = 30.0) -> None:
-        self.url = (url or default_url()).rstrip("/")
+        self.url = normalize_url(url or default_url())
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def _call(self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -40,13 +46,21 @@ class Client:
             ) from None
         except httpx.TimeoutException:
             raise DaemonError(0, f"vllama at {self.url} did not answer in time") from None
+        except (httpx.TransportError, httpx.InvalidURL) as exc:  # a bad URL, or the daemon died mid-answer
+            raise DaemonError(0, f"could not talk to vllama at {self.url}: {exc}") from None
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
         if r.status_code >= 400:
             try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text[:500]
+                message = data["error"]["message"]
+            except (KeyError, TypeError):
+                message = f"{self.url}{path} answered HTTP {r.status_code} ({r.reason_phrase}) without a vllama error"
             raise DaemonError(r.status_code, message)
-        return r.json()
+        if not isinstance(data, dict):
+            raise DaemonError(r.status_code, f"{self.url}{path} did not answer with JSON: is that a vllama daemon?")
+        return data
 
     def info(self) -> dict[str, Any]:
         return dict(self._call("GET", "/vllama/info"))

@@ -7,9 +7,12 @@ never silently fall back to a default.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -134,6 +137,21 @@ class ModelConfig(BaseModel):
             raise ValueError(f"devices must be distinct non-negative indices, got {value}")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _model_not_a_flag(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value.startswith("-")):
+            raise ValueError("must be a Hugging Face id or a path (vLLM would read a leading '-' as a flag)")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_not_flags(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not alias.strip() or alias.startswith("-"):
+                raise ValueError(f"alias {alias!r} must be non-empty and not start with '-' (vLLM reads it as a flag)")
+        return value
+
     @field_validator("extra_args")
     @classmethod
     def _no_bind_args(cls, value: list[str]) -> list[str]:
@@ -199,6 +217,10 @@ def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
     for name, raw in data.items():
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{origin}: model names must be non-empty strings, got {name!r}")
+        if name.startswith("-"):
+            raise ConfigError(
+                f"{origin}: model name {name!r} starts with '-', which vLLM would read as a flag: rename it"
+            )
         try:
             models[name] = ModelConfig.model_validate(raw or {})
         except ValidationError as exc:
@@ -209,14 +231,19 @@ def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
 def describe_validation_error(origin: str, name: str, raw: Any, exc: ValidationError) -> str:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        loc = ".".join(str(p) for p in err["loc"])
         key = str(err["loc"][0]) if err["loc"] else None
-        value = raw.get(key) if isinstance(raw, dict) and key is not None else raw
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(ModelConfig.model_fields))
-            problems.append(f"unknown key {loc!r} (known keys: {known})")
+            close = difflib.get_close_matches(str(key), ModelConfig.model_fields, n=1) if key else []
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"unknown key {loc!r} ({hint}known keys: {known})")
+        elif key is None:  # the entry as a whole: not a mapping, or keys that contradict each other
+            problems.append(f"{msg} (entry: {raw!r})")
         else:
-            problems.append(f"key {loc!r} has bad value {value!r}: {err['msg']}")
+            value = raw.get(key) if isinstance(raw, dict) else raw
+            problems.append(f"key {loc!r} has bad value {value!r}: {msg}")
     return f"{origin}: model {name!r}: " + "; ".join(problems)
 
 
@@ -234,12 +261,18 @@ def update_model_entry(path: Path, name: str, changes: dict[str, Any]) -> ModelC
     """Merge `changes` into the model's entry of models.yaml and write it back; validated before writing."""
     data: dict[str, Any] = {}
     if path.exists():
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML (fix it before assigning): {exc}") from None
         if loaded is not None:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping")
             data = loaded
-    entry = dict(data.get(name) or {})
+    existing = data.get(name) or {}
+    if not isinstance(existing, dict):
+        raise ConfigError(f"{path}: model {name!r}: the entry must be a mapping of settings, got {existing!r}")
+    entry = dict(existing)
     entry.update(changes)
     entry = {k: v for k, v in entry.items() if v is not None}
     data[name] = entry
@@ -251,14 +284,38 @@ def update_model_entry(path: Path, name: str, changes: dict[str, Any]) -> ModelC
     return parsed.models[name]
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+def _env_value(name: str, parse: Callable[[str], Any]) -> Any:
+    """The parsed value of environment variable `name`, or None when unset/empty; a bad value is a ConfigError."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return parse(raw)
+    except (ValueError, ValidationError) as exc:
+        detail = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else _describe_errors(exc)
+        raise ConfigError(f"environment variable {name}={raw!r} is invalid: {detail}") from None
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
+def _describe_errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
+def _port_range(raw: str) -> tuple[int, int]:
+    lo, sep, hi = raw.partition("-")
+    if not sep:
+        raise ValueError("expected LOW-HIGH, e.g. 33300-33999")
+    low, high = int(lo), int(hi)
+    if not 0 < low <= high < 65536:
+        raise ValueError("expected 0 < LOW <= HIGH < 65536")
+    return low, high
+
+
+def _keep_alive(raw: str) -> KeepAlive:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return KeepAlive.parse(value)
 
 
 @dataclass
@@ -303,44 +360,36 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from the `VLLAMA_*` environment; a bad value is a ConfigError naming the variable."""
         s = cls()
         env = os.environ
         if "VLLAMA_HOST" in env:
             s.host = env["VLLAMA_HOST"]
-        s.port = _env_int("VLLAMA_PORT", s.port)
-        if env.get("VLLAMA_PORT_RANGE"):
-            lo, hi = env["VLLAMA_PORT_RANGE"].split("-")
-            s.port_range = (int(lo), int(hi))
-        if env.get("VLLAMA_VLLM_COMMAND"):
-            s.vllm_command = env["VLLAMA_VLLM_COMMAND"].split()
-        elif env.get("VLLAMA_VLLM_PYTHON"):
-            s.vllm_command = [env["VLLAMA_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server"]
-        s.gpu_probe = env.get("VLLAMA_GPU_PROBE", s.gpu_probe)
-        if env.get("VLLAMA_CPU_MEMORY_GIB"):
-            s.cpu_memory_gib = float(env["VLLAMA_CPU_MEMORY_GIB"])
-        s.cpu_default_model_gib = _env_float("VLLAMA_CPU_DEFAULT_MODEL_GIB", s.cpu_default_model_gib)
-        if env.get("VLLAMA_FAKE_GPU_LEDGER"):
-            s.fake_gpu_ledger = Path(env["VLLAMA_FAKE_GPU_LEDGER"])
-        if env.get("VLLAMA_FAKE_GPU_TOTAL_GIB"):
-            s.fake_gpu_total_gib = [float(x) for x in env["VLLAMA_FAKE_GPU_TOTAL_GIB"].split(",")]
-        s.startup_timeout = _env_float("VLLAMA_STARTUP_TIMEOUT", s.startup_timeout)
-        s.drain_timeout = _env_float("VLLAMA_DRAIN_TIMEOUT", s.drain_timeout)
-        s.stop_timeout = _env_float("VLLAMA_STOP_TIMEOUT", s.stop_timeout)
-        s.capacity_wait = _env_float("VLLAMA_CAPACITY_WAIT", s.capacity_wait)
-        s.memory_settle_timeout = _env_float("VLLAMA_MEMORY_SETTLE_TIMEOUT", s.memory_settle_timeout)
-        s.shutdown_grace = _env_float("VLLAMA_SHUTDOWN_GRACE", s.shutdown_grace)
-        s.sleep_residual_gib = _env_float("VLLAMA_SLEEP_RESIDUAL_GIB", s.sleep_residual_gib)
-        s.keep_alive_interval = _env_float("VLLAMA_KEEP_ALIVE_INTERVAL", s.keep_alive_interval)
-        if env.get("VLLAMA_KEEP_ALIVE"):
-            import json
-
-            raw = env["VLLAMA_KEEP_ALIVE"]
-            try:
-                s.keep_alive = KeepAlive.parse(json.loads(raw))
-            except json.JSONDecodeError:
-                s.keep_alive = KeepAlive.parse(raw)
-        s.max_body_bytes = _env_int("VLLAMA_MAX_BODY_BYTES", s.max_body_bytes)
-        for key, value in overrides.items():
+        parsed: dict[str, Any] = {
+            "port": _env_value("VLLAMA_PORT", int),
+            "port_range": _env_value("VLLAMA_PORT_RANGE", _port_range),
+            "vllm_command": _env_value("VLLAMA_VLLM_COMMAND", str.split)
+            or _env_value("VLLAMA_VLLM_PYTHON", lambda p: [p, "-m", "vllm.entrypoints.openai.api_server"]),
+            "gpu_probe": _env_value("VLLAMA_GPU_PROBE", str),
+            "cpu_memory_gib": _env_value("VLLAMA_CPU_MEMORY_GIB", float),
+            "cpu_default_model_gib": _env_value("VLLAMA_CPU_DEFAULT_MODEL_GIB", float),
+            "fake_gpu_ledger": _env_value("VLLAMA_FAKE_GPU_LEDGER", Path),
+            "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [float(x) for x in v.split(",")]),
+            "keep_alive": _env_value("VLLAMA_KEEP_ALIVE", _keep_alive),
+            "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", int),
+        }
+        for name in (
+            "startup_timeout",
+            "drain_timeout",
+            "stop_timeout",
+            "capacity_wait",
+            "memory_settle_timeout",
+            "shutdown_grace",
+            "sleep_residual_gib",
+            "keep_alive_interval",
+        ):
+            parsed[name] = _env_value(f"VLLAMA_{name.upper()}", float)
+        for key, value in [*parsed.items(), *overrides.items()]:
             if value is not None:
                 setattr(s, key, value)
         return s

@@ -122,12 +122,19 @@ def log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(tail)
 
 
+# vLLM's last words after a failed start only point elsewhere ("Engine core initialization failed. See root
+# cause above."): the root cause is the error line before them
+_GENERIC_FAILURE = re.compile(r"See root cause above|Engine core initialization failed|EngineCore failed to start")
+
+
 def summarize_failure(path: Path) -> str:
-    """The most telling line of a failed vLLM log (its last error), for an error message."""
+    """The most telling line of a failed vLLM log (its last error that is not a generic wrapper), for an
+    error message."""
     tail = log_tail(path, 60).splitlines()
-    for line in reversed(tail):
-        if re.search(r"(Error|Exception|error:|Traceback)", line) and "Traceback" not in line:
-            return line.strip()[-400:]
+    errors = [line for line in tail if re.search(r"(Error|Exception|error:)", line) and "Traceback" not in line]
+    specific = [line for line in errors if not _GENERIC_FAILURE.search(line)]
+    if specific or errors:
+        return (specific or errors)[-1].strip()[-400:]
     return tail[-1].strip()[-400:] if tail else "(empty log)"
 
 

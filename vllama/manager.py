@@ -357,7 +357,8 @@ class Manager:
                             _, util = self.need_for(inst.cfg, total)
                             inst.reserve_start(devices, demand.need, util)
                         return
-                    await self._evict(plan.evictions[0], for_model=inst.name)
+                    wanted = {d: demand.need - demand.held for d in devices}
+                    await self._evict(plan.evictions[0], for_model=inst.name, wanted=wanted)
                     continue
                 if not plan.wait:
                     inst.last_error = plan.reason
@@ -368,11 +369,14 @@ class Manager:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
 
-    async def _evict(self, eviction: scheduler.Eviction, *, for_model: str) -> None:
+    async def _evict(self, eviction: scheduler.Eviction, *, for_model: str, wanted: dict[int, int]) -> None:
+        """Run one eviction of a plan, then wait for the memory to show up (or for `wanted`, the free bytes
+        the model being placed needs per device, to be there)."""
         victim = self.instances.get(eviction.name)
         if victim is None or victim.lock.locked() or victim.in_flight:
             return  # became busy since the plan was made: the next plan will see it
         before = self._free_on(victim.devices)
+        held_before = self._measured_by_instance().get(victim.name, {})
         async with victim.lock:
             if victim.in_flight:
                 return
@@ -390,19 +394,29 @@ class Manager:
         self.last_eviction = reason
         self.evictions += 1
         log.info("eviction: %s", reason)
-        await self._settle(victim.devices, before, eviction.frees)
+        expected = eviction.frees
+        if victim.state is State.SLEEPING and victim.asleep_held and held_before:
+            # the plan guessed what a sleeper keeps (its CUDA context); now it is measured: expect what was
+            # really released, not the guess (a guess too low would wait out the settle timeout for nothing)
+            expected = max(0, min(held_before.get(d, 0) for d in victim.devices) - victim.asleep_held)
+        await self._settle(victim.devices, before, expected, wanted)
 
     def _free_on(self, devices: tuple[int, ...]) -> dict[int, int]:
         view, _ = self.memory_view()
         return {d.index: d.free for d in view if d.index in devices}
 
-    async def _settle(self, devices: tuple[int, ...], before: dict[int, int], expected: int) -> None:
-        """Freed GPU memory shows up in NVML with a delay: wait (bounded) until most of it is back."""
+    async def _settle(
+        self, devices: tuple[int, ...], before: dict[int, int], expected: int, wanted: dict[int, int]
+    ) -> None:
+        """Freed GPU memory shows up in NVML with a delay: wait (bounded) until most of it is back, or until
+        what the model being placed needs (`wanted`, free bytes per device) is free."""
         deadline = self.clock() + self.settings.memory_settle_timeout
         target = int(expected * 0.9)
         while self.clock() < deadline:
-            now = self._free_on(devices)
+            now = self._free_on(tuple(set(devices) | set(wanted)))
             if all(now.get(d, 0) - before.get(d, 0) >= target for d in devices):
+                return
+            if all(now.get(d, 0) >= n for d, n in wanted.items()):
                 return
             await asyncio.sleep(0.1)
         log.warning("memory on devices %s did not come back in time after an eviction", list(devices))

@@ -77,7 +77,9 @@ async def forward(manager: Manager, request: Request, path: str) -> Response:
             raise UpstreamError(inst.last_error or f"{inst.name} went away before the request was sent")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         try:
-            upstream = await manager.http.post(
+            upstream = await _post_unless_client_leaves(
+                manager.http,
+                request,
                 f"{engine.base_url}{path}",
                 data=body,
                 headers=headers,
@@ -91,7 +93,41 @@ async def forward(manager: Manager, request: Request, path: str) -> Response:
     except BaseException:
         inst.release()
         raise
+    if upstream is None:  # the client went away; vLLM aborted the request
+        inst.release()
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
     return RelayResponse(upstream, inst.release, describe=f"{inst.name} (log: {engine.spec.log_path})")
+
+
+async def _post_unless_client_leaves(
+    http: aiohttp.ClientSession, request: Request, url: str, **kwargs: Any
+) -> aiohttp.ClientResponse | None:
+    """POST upstream while watching the client. A non-streamed answer's headers come only once vLLM has
+    generated all of it: a client that leaves before then cancels the upstream request (vLLM aborts it on the
+    closed connection) instead of leaving it generating, and counted in flight, for nobody. None if it left."""
+    post = asyncio.ensure_future(http.post(url, **kwargs))
+    gone = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({post, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        gone.cancel()
+        post.cancel()
+        post.add_done_callback(_close_response)
+        raise
+    client_left = gone.done()
+    gone.cancel()
+    if client_left:
+        post.cancel()
+    await asyncio.wait({post, gone})  # let the cancellations land (the upstream connection is closed)
+    if not client_left:
+        return post.result()
+    _close_response(post)  # in case it answered just as the client left
+    return None
+
+
+def _close_response(post: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    if post.done() and not post.cancelled() and post.exception() is None:
+        post.result().close()
 
 
 class RelayResponse(Response):

@@ -4,8 +4,10 @@ in-flight requests finish (bounded) and stops every vLLM child."""
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,11 +82,18 @@ def create_app(settings: Settings, probe: GpuProbe | None = None) -> FastAPI:
     return app
 
 
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler found at start-up:
+    # make that one exit 0, so a clean `kill PID` is a clean exit (and not "killed by SIGTERM")
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         app,
         host=settings.host,

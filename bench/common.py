@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmarks: run a `vllama serve`, time the first token of a streamed request.
+Only the standard library, httpx and vllama itself: these run on the GPU machine too (no pytest there)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def start_daemon(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`vllama serve` on 127.0.0.1:port in its own session, logging to home/serve.log; returns once healthy."""
+    with (home / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllama", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    for _ in range(600):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        time.sleep(0.1)
+    raise RuntimeError("vllama did not come up: " + (home / "serve.log").read_text()[-2000:])
+
+
+def first_token(base: str, model: str, max_tokens: int = 8) -> tuple[float, float]:
+    """(seconds to the first streamed event, seconds to the end) of a streamed chat request."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=900) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data:") and ttft is None:
+                ttft = time.perf_counter() - t0
+    return ttft or float("nan"), time.perf_counter() - t0
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}: " + log.read_text(errors="replace")[-2000:])
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)

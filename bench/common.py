@@ -4,12 +4,23 @@ Only the standard library, httpx and vllama itself: these run on the GPU machine
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (e.g. from `timeout`) a normal exit, so `finally` blocks stop what the benchmark started:
+    Python's default SIGTERM handling skips them, leaving vLLM processes holding GPU memory."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def start_daemon(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import first_token, start_daemon, wait_healthy  # noqa: E402
+from bench.common import exit_on_sigterm, first_token, start_daemon, wait_healthy  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 MODELS = ("A", "B", "C")
@@ -410,6 +410,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fake", action="store_true", help="dry run over fake engines and a simulated GPU")
     args = parser.parse_args()
+    exit_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.phase, args.out, args.fake, args.models_dir)
     run.report["machine"] = "fake (dry run)" if args.fake else run.probe.devices()[0].name

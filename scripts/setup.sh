@@ -27,4 +27,14 @@ if [ ! -f "$stamp" ]; then
 else
   "$venv/bin/pip" install -q --no-deps -e "$root" 2>&1 | quiet >&2
 fi
+# headless Chromium for the status page's browser test (tests/test_ui.py), from Debian's packages
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing chromium (apt-get) for the status page's browser test" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+      || echo "warning: could not install chromium: tests/test_ui.py's browser test will be skipped" >&2
+  else
+    echo "note: chromium is missing (sudo apt-get install chromium): the browser test will be skipped" >&2
+  fi
+fi
 echo "$venv"

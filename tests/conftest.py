@@ -145,25 +145,29 @@ def base_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def new_fake_daemon(tmp: Path, **env: str) -> Daemon:
+    """A daemon (not started) over fake engines on one simulated 8 GiB GPU, with its home and the GPU ledger
+    under `tmp`; `env` overrides or adds daemon and fake-engine settings."""
+    home, ledger = tmp / "home", tmp / "ledger"
+    home.mkdir()
+    ledger.mkdir()
+    defaults = {
+        "VLLAMA_GPU_PROBE": "fake",
+        "VLLAMA_FAKE_GPU_LEDGER": str(ledger),
+        "VLLAMA_FAKE_GPU_TOTAL_GIB": "8",
+        "VLLAMA_VLLM_COMMAND": " ".join(FAKE_ENGINE),
+        "VLLAMA_SLEEP_RESIDUAL_GIB": "0.5",
+        "FAKE_ENGINE_CONTEXT_GIB": "0.5",
+        "FAKE_ENGINE_STARTUP_S": "0.3",
+        "VLLAMA_STOP_TIMEOUT": "5",
+    }
+    return Daemon(home=home, port=free_port(), env=base_env(home, **{**defaults, **env}))
+
+
 @pytest.fixture
 def fake_daemon(tmp_path: Path) -> Iterator[Daemon]:
     """A daemon over fake engines on one simulated 8 GiB GPU (not started: write models, then .start())."""
-    home = tmp_path / "home"
-    ledger = tmp_path / "ledger"
-    home.mkdir()
-    ledger.mkdir()
-    env = base_env(
-        home,
-        VLLAMA_GPU_PROBE="fake",
-        VLLAMA_FAKE_GPU_LEDGER=str(ledger),
-        VLLAMA_FAKE_GPU_TOTAL_GIB="8",
-        VLLAMA_VLLM_COMMAND=" ".join(FAKE_ENGINE),
-        VLLAMA_SLEEP_RESIDUAL_GIB="0.5",
-        FAKE_ENGINE_CONTEXT_GIB="0.5",
-        FAKE_ENGINE_STARTUP_S="0.3",
-        VLLAMA_STOP_TIMEOUT="5",
-    )
-    daemon = Daemon(home=home, port=free_port(), env=env)
+    daemon = new_fake_daemon(tmp_path)
     yield daemon
     groups = daemon.child_groups()
     daemon.stop()

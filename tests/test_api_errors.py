@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FAKE_ENGINE, Daemon, base_env, free_port, wait_until_gone
+from tests.conftest import Daemon, new_fake_daemon, wait_until_gone
 
 MAX_BODY = 1000
 ODD_NAMES = ["org/../../escape", "../up", "with space", "模型/ünïcode", "a\\b", ".hidden"]
@@ -25,23 +25,14 @@ MODELS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("api_errors")
-    home, ledger = tmp / "home", tmp / "ledger"
-    home.mkdir()
-    ledger.mkdir()
-    env = base_env(
-        home,
-        VLLAMA_GPU_PROBE="fake",
-        VLLAMA_FAKE_GPU_LEDGER=str(ledger),
-        VLLAMA_FAKE_GPU_TOTAL_GIB="8",
-        VLLAMA_VLLM_COMMAND=" ".join(FAKE_ENGINE),
+    d = new_fake_daemon(
+        tmp_path_factory.mktemp("api_errors"),
         VLLAMA_SLEEP_RESIDUAL_GIB="0.5",
         VLLAMA_MAX_BODY_BYTES=str(MAX_BODY),
         VLLAMA_STOP_TIMEOUT="5",
         FAKE_ENGINE_CONTEXT_GIB="0.25",
         FAKE_ENGINE_STARTUP_S="0.1",
     )
-    d = Daemon(home=home, port=free_port(), env=env)
     d.write_models(MODELS)
     d.start()
     yield d

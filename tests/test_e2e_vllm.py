@@ -51,7 +51,10 @@ def models_yaml(models: dict[str, Path]) -> dict[str, object]:
 def make_daemon(tmp: Path, models: dict[str, Path]) -> Daemon:
     home = tmp / "home"
     home.mkdir(parents=True)
-    env = base_env(home, VLLAMA_GPU_PROBE="cpu", VLLAMA_CPU_MEMORY_GIB="10", VLLAMA_STARTUP_TIMEOUT="400")
+    # no warm pool here: these tests count process groups (tests/test_e2e_pool.py covers pooled starts)
+    env = base_env(
+        home, VLLAMA_GPU_PROBE="cpu", VLLAMA_CPU_MEMORY_GIB="10", VLLAMA_STARTUP_TIMEOUT="400", VLLAMA_POOL_SIZE="0"
+    )
     daemon = Daemon(home=home, port=free_port(), env=env)
     daemon.write_models(models_yaml(models))
     daemon.start()

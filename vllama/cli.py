@@ -12,14 +12,45 @@ from typing import Any, NoReturn
 import typer
 
 from vllama.client import Client, DaemonError, DaemonNotRunning
+from vllama.progress import Progress, bar
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help="An Ollama-style manager for vLLM.")
 
 URL_OPTION = typer.Option(None, "--url", help="daemon URL (default $VLLAMA_URL or http://127.0.0.1:33258)")
 
 
+def _complete_models(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of MODEL: the configured models and the running instances of the daemon, if it answers."""
+    try:
+        client = Client(ctx.params.get("url"), timeout=1.0)
+        names = set(client.info().get("configured_models") or [])
+        names.update(str(r["model"]) for r in client.ps().get("models") or [])
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+MODEL_ARG = typer.Argument(..., help="a models.yaml name or alias, a Hugging Face id, or a local path",
+                           autocompletion=_complete_models)  # fmt: skip
+
+
+_api_key: str | None = None  # from the global --api-key option
+
+
+@app.callback()
+def _global_options(
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        help="key for a daemon started with VLLAMA_API_KEY / VLLAMA_ADMIN_API_KEY (default: those variables)",
+    ),
+) -> None:
+    global _api_key
+    _api_key = api_key
+
+
 def _client(url: str | None) -> Client:
-    return Client(url)
+    return Client(url, api_key=_api_key)
 
 
 def _fail(message: str) -> NoReturn:
@@ -70,6 +101,19 @@ def info(url: str = URL_OPTION) -> None:
     typer.echo(
         f"evictions:     {data['evictions']}" + (f", last: {data['last_eviction']}" if data["last_eviction"] else "")
     )
+    for stray in data.get("strays") or []:
+        typer.echo(
+            f"stray:         pid {stray['pid']} on port {stray['port']} ({stray['kind']}), not started by this "
+            f"vllama: left alone, its port skipped: {stray['cmdline'][:100]}"
+        )
+    pool = data.get("warm_pool")
+    if pool and pool.get("size"):
+        ready = sum(1 for s in pool["spares"] if s["state"] == "ready")
+        typer.echo(
+            f"warm pool:     {ready} ready, {len(pool['spares']) - ready} importing; {pool['pooled_starts']} pooled "
+            f"and {pool['plain_starts']} plain starts"
+            + (f" (last plain: {pool['last_fallback']})" if pool.get("last_fallback") else "")
+        )
 
 
 def _width(text: str) -> int:
@@ -104,6 +148,8 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("last_error"):
             lines.append(f"! {r['model']}: {r['last_error']}")
+        if r.get("memory_sizing"):
+            lines.append(f"  {r['model']}: {r['memory_sizing']}")
     return "\n".join(lines)
 
 
@@ -121,48 +167,86 @@ def ps(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json", help
 
 
 @app.command()
-def start(model: str, url: str = URL_OPTION) -> None:
-    """Start (or wake) MODEL and wait until it is ready, showing progress."""
+def start(model: str = MODEL_ARG, url: str = URL_OPTION) -> None:
+    """Start (or wake) MODEL and wait until it is ready, showing the stages of vLLM's start-up."""
     client = _client(url)
-    snap = client.start(model, wait=False)
+    _follow_start(client, model, client.start(model, wait=False), verbose=True)
+
+
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+def _follow_start(client: Client, model: str, snap: dict[str, Any], *, verbose: bool) -> dict[str, Any]:
+    """Poll until MODEL runs (returns its `ps` row) or failed (exits 1), reading the stages of the start from
+    its vLLM log. `verbose` (`vllama start`): the log path, a line per stage reached and, on a terminal, a
+    progress line, on stdout. Otherwise (`vllama run`): only a progress line on a terminal's stderr."""
+    stream = sys.stdout if verbose else sys.stderr
+    tty = stream.isatty()
+    fancy = tty and (getattr(stream, "encoding", "") or "").lower().replace("-", "") == "utf8"
     t0 = time.monotonic()
-    shown_log = False
-    tty = sys.stdout.isatty()
-    last_line = ""
+    progress, log_path, offset, shown_log = Progress(), None, 0, None
     last_shown: tuple[str, str] | None = None
-    while True:
-        if snap.get("log") and not shown_log:
-            typer.echo(f"Logs: {snap['log']}")
-            shown_log = True
-        state = snap["state"]
-        if state == "running":
-            if tty:
-                typer.echo()
-            typer.echo(f"{snap['model']} is running on port {snap['port']} (ready after {time.monotonic() - t0:.1f} s)")
-            return
-        if state in ("error", "stopped") and time.monotonic() - t0 > 1.0:
-            if tty:
-                typer.echo()
-            _fail(snap.get("last_error") or f"{model} is {state}")
-        if snap.get("log"):
-            try:
-                lines = client.logs(model, 1)["lines"]
-                last_line = lines.splitlines()[-1][-100:] if lines else last_line
-            except DaemonError:
-                pass
-        progress = f"[{time.monotonic() - t0:6.1f}s] {state}: {last_line}"
+    polls = 0
+
+    def echo(text: str, nl: bool = True) -> None:
+        typer.echo(text, nl=nl, err=not verbose)
+
+    def clear() -> None:
         if tty:
-            typer.echo("\r" + progress.ljust(120)[:120], nl=False)
-        elif (state, last_line) != last_shown:  # a log or a pipe gets a line per change, not per poll
-            typer.echo(progress)
-            last_shown = (state, last_line)
+            echo("\r" + " " * 120 + "\r", nl=False)
+
+    def read_log() -> None:
+        nonlocal offset
+        try:
+            data = client.logs_from(model, offset)
+        except DaemonError:
+            return
+        if data.get("log") == log_path:
+            offset = data["offset"]
+            for label, line in progress.feed(data["lines"], elapsed):
+                if verbose:
+                    clear()
+                    echo(f"  {'✓' if fancy else '-'} {label:<26} {elapsed:6.1f}s  {line[:80]}")
+
+    while True:
+        state, elapsed = snap["state"], time.monotonic() - t0
+        if verbose and snap.get("log") and snap["log"] != shown_log:
+            clear()
+            echo(f"Logs: {snap['log']}")
+            shown_log = snap["log"]
+        if state == "running":
+            if log_path is not None and snap.get("log") == log_path:
+                read_log()  # the stages passed since the last poll
+            clear()
+            if verbose:
+                echo(f"{snap['model']} is running on port {snap['port']} (ready after {elapsed:.1f} s)")
+            return snap
+        if state in ("error", "stopped") and elapsed > 1.0:
+            clear()
+            _fail(snap.get("last_error") or f"{model} is {state}")
+        if state == "starting" and snap.get("log"):
+            if snap["log"] != log_path:
+                progress, log_path, offset = Progress(), snap["log"], 0
+            read_log()
+        doing = progress.current if state == "starting" else state
+        if state == "waking" and snap.get("sleep_level"):
+            doing = f"waking from sleep level {snap['sleep_level']}"
+        if tty:
+            spin = _SPINNER[polls % len(_SPINNER)] if fancy else "-\\|/"[polls % 4]
+            meter = bar(progress.fraction) if fancy else ""
+            detail = f": {progress.last_line}" if verbose and state == "starting" and progress.last_line else ""
+            echo("\r" + f"{spin} [{elapsed:6.1f}s] {meter} {doing}{detail}"[:119].ljust(119), nl=False)
+        elif verbose and (state, doing) != last_shown:  # a log or a pipe gets a line per change, not per poll
+            echo(f"[{elapsed:6.1f}s] {state}: {doing}")
+            last_shown = (state, doing)
+        polls += 1
         time.sleep(0.25)  # a level-1 wake takes ~0.1 s: poll often enough not to add seconds to it
         rows = [r for r in client.ps()["models"] if r["model"] == snap["model"]]
         snap = rows[0] if rows else snap
 
 
 @app.command()
-def stop(model: str, url: str = URL_OPTION) -> None:
+def stop(model: str = MODEL_ARG, url: str = URL_OPTION) -> None:
     """Stop MODEL (also clears an error or a stuck start)."""
     snap = _client(url).stop(model)
     typer.echo(f"{snap['model']} is {snap['state']}")
@@ -170,7 +254,7 @@ def stop(model: str, url: str = URL_OPTION) -> None:
 
 @app.command()
 def sleep(
-    model: str,
+    model: str = MODEL_ARG,
     level: int = typer.Option(2, "--level", min=1, max=3, help="1: offload weights to CPU RAM; 2: drop them; 3: stop"),
     url: str = URL_OPTION,
 ) -> None:
@@ -184,7 +268,7 @@ def sleep(
 
 @app.command()
 def assign(
-    model: str,
+    model: str = MODEL_ARG,
     devices: str = typer.Option(None, "--devices", help="comma-separated device indices, e.g. 0 or 0,1"),
     gpu_memory: float = typer.Option(None, "--gpu-memory", help="fraction of each device's memory (0-1]"),
     gpu_memory_gib: float = typer.Option(None, "--gpu-memory-gib", help="memory per device in GiB"),
@@ -215,11 +299,111 @@ def assign(
 
 
 @app.command()
-def logs(model: str, lines: int = typer.Option(50, "-n", help="number of lines"), url: str = URL_OPTION) -> None:
-    """Print the end of MODEL's vLLM log."""
-    data = _client(url).logs(model, lines)
+def logs(
+    model: str = MODEL_ARG,
+    lines: int = typer.Option(50, "-n", "--lines", help="number of lines"),
+    follow: bool = typer.Option(False, "-f", "--follow", help="then print new lines as vLLM writes them (Ctrl-C ends)"),
+    url: str = URL_OPTION,
+) -> None:
+    """Print the end of MODEL's vLLM log (-f: and follow it, across restarts)."""
+    client = _client(url)
+    data = client.logs(model, lines)
     typer.echo(f"# {data['log']}")
     typer.echo(data["lines"])
+    if not follow:
+        return
+    path, offset = data["log"], int(data.get("offset") or 0)
+    try:
+        while True:
+            time.sleep(0.5)
+            new = client.logs_from(model, offset)
+            if new["log"] != path:  # restarted: a new log file
+                path = new["log"]
+                typer.echo(f"# {path}")
+                new = client.logs_from(model, 0)
+            offset = new["offset"]
+            if new["lines"]:
+                typer.echo(new["lines"], nl=False)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
+def run(
+    model: str = MODEL_ARG,
+    prompt: str = typer.Argument(None, help="what to ask; without it, a conversation read line by line from stdin"),
+    system: str = typer.Option(None, "--system", help="a system prompt"),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="the most tokens an answer may have"),
+    url: str = URL_OPTION,
+) -> None:
+    """Chat with MODEL (like `ollama run`), printing the answer as it is generated.
+
+    Without PROMPT, each line read from stdin is a turn of one conversation (/clear forgets it, /bye or the end
+    of the input ends it)."""
+    client = _client(url)
+    try:
+        snap = client.start(model, wait=False)  # starts or wakes it, with a progress line on a terminal
+    except DaemonError as exc:
+        if exc.status not in (401, 403):
+            raise
+        name = model  # a key for the models but not for the admin API: the request itself starts the model
+    else:
+        if snap["state"] != "running":
+            snap = _follow_start(client, model, snap, verbose=False)
+        name = snap["model"]
+    base = [{"role": "system", "content": system}] if system else []
+    options = {"max_tokens": max_tokens} if max_tokens else {}
+    if prompt is not None:
+        if _answer(client, name, [*base, {"role": "user", "content": prompt}], options) is None:
+            raise typer.Exit(1)
+        return
+    messages = list(base)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            typer.echo(">>> ", nl=False)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            typer.echo()
+            return
+        if not line:
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return
+        if text == "/clear":
+            messages = list(base)
+            typer.echo("Cleared the conversation.", err=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _answer(client, name, messages, options)
+        if reply is None:
+            messages.pop()
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+def _answer(client: Client, model: str, messages: list[dict[str, Any]], options: dict[str, Any]) -> str | None:
+    """Print the answer as it streams; the whole answer (None after an error, which is printed)."""
+    parts = []
+    try:
+        for piece in client.chat_stream(model, messages, **options):
+            parts.append(piece)
+            typer.echo(piece, nl=False)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        typer.echo()
+        return "".join(parts)
+    except DaemonError as exc:
+        if parts:
+            typer.echo()
+        typer.echo(f"Error: {exc.message}", err=True)
+        return None
+    typer.echo()
+    return "".join(parts)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -29,13 +30,14 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from `30`, `"90s"`, `"5m"`, `"1h30m"`; None for "never" (`-1`, `"never"`, `"forever"`, null)."""
+    """Seconds from `30`, `"90s"`, `"5m"`, `"1h30m"`; None for "never" (`-1`, `"never"`, `"forever"`, null, and
+    anything of a century or more, which no clock or date can add to now)."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
-        return None if value < 0 else float(value)
+        return _seconds(float(value), value)
     text = str(value).strip().lower()
     if text in ("never", "forever", "inf", "-1"):
         return None
@@ -44,7 +46,7 @@ def parse_duration(value: Any) -> float | None:
     except ValueError:
         pass
     else:
-        return None if number < 0 else number
+        return _seconds(number, value)
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
@@ -53,7 +55,16 @@ def parse_duration(value: Any) -> float | None:
         pos = match.end()
     if pos != len(text) or not text:
         raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h30m, or -1 for never)")
-    return total
+    return _seconds(total, value)
+
+
+_FOREVER_S = 100 * 365 * 86400.0
+
+
+def _seconds(number: float, value: Any) -> float | None:
+    if math.isnan(number):
+        raise ValueError(f"not a duration: {value!r}")
+    return None if number < 0 or number >= _FOREVER_S else number
 
 
 # flags vllama owns: a child must bind 127.0.0.1 (its sleep/RPC endpoints are unauthenticated) on vllama's port
@@ -106,6 +117,12 @@ class ModelConfig(BaseModel):
     keep_alive: KeepAlive | None = None
     startup_timeout: float | None = Field(default=None, gt=0)
     vllm_command: list[str] | None = Field(default=None, description="command prefix that runs vLLM's server")
+    # cold starts may use a pre-imported interpreter of the warm pool (vllama/pool.py); false: always a fresh one
+    prewarm: bool = True
+    # "auto": size the memory from the checkpoint (vllama/sizing.py) when no explicit setting is given;
+    # "default": vLLM's default fraction even if VLLAMA_AUTO_MEMORY=1
+    memory: Literal["auto", "default"] | None = None
+    auto_memory_sequences: int | None = Field(default=None, ge=1, description="sequences of max_model_len in KV")
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -165,6 +182,8 @@ class ModelConfig(BaseModel):
     def _consistent(self) -> ModelConfig:
         if self.gpu_memory_utilization is not None and self.gpu_memory_gib is not None:
             raise ValueError("set gpu_memory_utilization or gpu_memory_gib, not both")
+        if self.memory == "auto" and (self.gpu_memory_utilization is not None or self.gpu_memory_gib is not None):
+            raise ValueError("memory: auto sizes the memory itself: drop gpu_memory_utilization/gpu_memory_gib")
         if (
             self.devices is not None
             and self.tensor_parallel_size is not None
@@ -251,10 +270,21 @@ def load_models_file(path: Path) -> ModelsFile:
     if not path.exists():
         return ModelsFile()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    return parse_models_text(text, str(path))
+
+
+def parse_models_text(text: str, origin: str = "models.yaml") -> ModelsFile:
+    """models.yaml's text → ModelsFile; anything wrong with it is a ConfigError naming what and where."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_models(data, str(path))
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: not valid YAML: nested too deeply") from None
+    return parse_models(data, origin)
 
 
 def update_model_entry(path: Path, name: str, changes: dict[str, Any]) -> ModelConfig:
@@ -310,6 +340,40 @@ def _port_range(raw: str) -> tuple[int, int]:
     return low, high
 
 
+def _secret_env(name: str) -> str | None:
+    """An API key from the environment (None when unset or empty); a bad one is a ConfigError that does not
+    repeat the value."""
+    key = os.environ.get(name, "").strip()
+    if not key:
+        return None
+    if not (key.isascii() and key.isprintable()) or " " in key:  # it travels as `Authorization: Bearer <key>`
+        raise ConfigError(f"environment variable {name} is invalid: an API key must be printable ASCII without spaces")
+    return key
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
 def _keep_alive(raw: str) -> KeepAlive:
     try:
         value = json.loads(raw)
@@ -349,6 +413,19 @@ class Settings:
     keep_alive_interval: float = 5.0  # how often idle models are checked against their keep-alive ladder
     keep_alive: KeepAlive = field(default_factory=KeepAlive)
     max_body_bytes: int = 32 * 1024 * 1024
+    # optional keys (see vllama/auth.py): the API key guards every route but /health (and the admin routes unless
+    # the admin key is set); the admin key guards /vllama/*
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    # warm interpreter pool (vllama/pool.py): spares per engine environment (0 = off); fork vLLM's EngineCore and
+    # workers from the pre-imported server instead of spawning fresh interpreters
+    pool_size: int = 1
+    pool_fork: bool = True
+    # server modules a spare may pre-import (`PYTHON -m MODULE` commands only)
+    pool_modules: tuple[str, ...] = ("vllm.entrypoints.openai.api_server",)
+    # memory auto-sizing (vllama/sizing.py) for models without an explicit memory setting
+    auto_memory: bool = False
+    auto_memory_sequences: int = 4  # KV cache for this many sequences of max_model_len
 
     @property
     def models_path(self) -> Path:
@@ -377,6 +454,15 @@ class Settings:
             "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [float(x) for x in v.split(",")]),
             "keep_alive": _env_value("VLLAMA_KEEP_ALIVE", _keep_alive),
             "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", int),
+            "pool_size": _env_value("VLLAMA_POOL_SIZE", _non_negative_int),
+            "pool_fork": _env_value("VLLAMA_POOL_FORK", _flag),
+            "pool_modules": _env_value(
+                "VLLAMA_POOL_MODULES", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())
+            ),
+            "auto_memory": _env_value("VLLAMA_AUTO_MEMORY", _flag),
+            "auto_memory_sequences": _env_value("VLLAMA_AUTO_MEMORY_SEQUENCES", _positive_int),
+            "api_key": _secret_env("VLLAMA_API_KEY"),
+            "admin_api_key": _secret_env("VLLAMA_ADMIN_API_KEY"),
         }
         for name in (
             "startup_timeout",

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -26,12 +27,19 @@ from vllama.config import ModelConfig
 
 LOOPBACK = "127.0.0.1"  # vLLM's sleep/RPC endpoints are unauthenticated: children never bind anything else
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-# env that breaks vLLM's sleep mode (its allocator cannot release expandable segments)
-_ENV_DROPPED = ("PYTORCH_CUDA_ALLOC_CONF",)
+# env that breaks vLLM's sleep mode (its allocator cannot release expandable segments), and vllama's own secrets
+_ENV_DROPPED = ("PYTORCH_CUDA_ALLOC_CONF", "VLLAMA_API_KEY", "VLLAMA_ADMIN_API_KEY")
+# how a server that could not bind its port says so (Python's OSError; uvicorn's and aiohttp's wording)
+_ADDRESS_IN_USE = re.compile(r"address already in use|\[errno 98\]|EADDRINUSE", re.IGNORECASE)
 
 
 class EngineError(Exception):
     """An engine operation failed; the message is meant for the user (what failed, where the log is)."""
+
+
+class PortInUse(EngineError):
+    """The child could not have its port: another process bound it after vllama picked it (or answers on it).
+    Not the model's fault: start it again on another port."""
 
 
 def safe_file_name(name: str) -> str:
@@ -145,6 +153,7 @@ class EngineProcess:
     spec: LaunchSpec
     process: asyncio.subprocess.Process
     started_at: float = field(default_factory=time.monotonic)
+    log_offset: int = 0  # where this run's output starts in the (appended) log file
 
     @property
     def pid(self) -> int:
@@ -162,15 +171,6 @@ class EngineProcess:
     def exited(self) -> bool:
         return self.process.returncode is not None
 
-    def group_pids(self) -> list[int]:
-        """Every live process of this instance's group (guard, API server, EngineCore, workers...)."""
-        out = []
-        for p in psutil.process_iter(["pid"]):
-            with contextlib.suppress(psutil.Error, OSError):
-                if os.getpgid(p.info["pid"]) == self.pid:
-                    out.append(p.info["pid"])
-        return out
-
     def server_pid(self) -> int | None:
         """The vLLM API server's pid (the guard's child)."""
         with contextlib.suppress(psutil.Error):
@@ -186,6 +186,7 @@ async def spawn(spec: LaunchSpec, *, stop_grace: float) -> EngineProcess:
     try:
         log.write(f"# vllama: {' '.join(spec.argv)}\n".encode())
         log.flush()
+        offset = log.tell()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vllama.guard", "--parent", str(os.getpid()), "--grace", str(stop_grace),
             "--", *spec.argv,
@@ -197,7 +198,85 @@ async def spawn(spec: LaunchSpec, *, stop_grace: float) -> EngineProcess:
         )  # fmt: skip
     finally:
         log.close()
-    return EngineProcess(spec=spec, process=process)
+    return EngineProcess(spec=spec, process=process, log_offset=offset)
+
+
+def output_since_start(engine: EngineProcess, limit: int = 256 * 1024) -> str:
+    """What this run of the child wrote to its log so far (the end of it, at most `limit` bytes)."""
+    try:
+        with engine.spec.log_path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(engine.log_offset, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def listens_on_port(engine: EngineProcess) -> bool | None:
+    """Whether a process of this instance's group listens on its port: False means whatever answers there is
+    somebody else's (a stray took the port); None when that cannot be told (no permission to look)."""
+    try:
+        guard = psutil.Process(engine.pid)
+        procs = [guard, *guard.children(recursive=True)]
+    except psutil.Error:
+        return None
+    denied = False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.AccessDenied:
+            denied = True
+            continue
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == engine.port for c in conns):
+            return True
+    return None if denied else False
+
+
+def _port_arg(cmdline: list[str]) -> int | None:
+    """The value of the last `--port N` / `--port=N` in a command line."""
+    port = None
+    for i, arg in enumerate(cmdline):
+        value = cmdline[i + 1] if arg == "--port" and i + 1 < len(cmdline) else arg.partition("--port=")[2]
+        if value.isdigit():
+            port = int(value)
+    return port
+
+
+def find_strays(port_range: tuple[int, int]) -> list[dict[str, Any]]:
+    """Processes this vllama did not start that listen on a port of `port_range`, or that run a vllama guard or
+    a vLLM server meant for such a port (still starting): leftovers of an earlier or another vllama, or
+    squatters. vllama never adopts or kills them; it reports them and leaves their ports alone."""
+    lo, hi = port_range
+    me = os.getpid()
+    try:
+        ours = {me, *(p.pid for p in psutil.Process(me).children(recursive=True))}
+    except psutil.Error:
+        ours = {me}
+    found: dict[tuple[int | None, int | None], dict[str, Any]] = {}
+
+    def add(pid: int | None, port: int | None, cmdline: list[str] | None = None) -> None:
+        if cmdline is None and pid is not None:
+            with contextlib.suppress(psutil.Error):
+                cmdline = psutil.Process(pid).cmdline()
+        text = " ".join(cmdline or [])
+        kind = "vllama guard" if "vllama.guard" in text else "vLLM server" if "vllm" in text.lower() else "other"
+        kind = "vLLM server (fake)" if kind == "other" and "fake_engine" in text else kind
+        found[(pid, port)] = {"pid": pid, "port": port, "kind": kind, "cmdline": text[:300]}
+
+    with contextlib.suppress(psutil.Error, OSError):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and lo <= c.laddr.port <= hi and c.pid not in ours:
+                add(c.pid, c.laddr.port)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        pid, cmdline = proc.info["pid"], proc.info["cmdline"] or []
+        if pid in ours or not any("vllama.guard" in a or "vllm" in a.lower() or "fake_engine" in a for a in cmdline):
+            continue
+        port = _port_arg(cmdline)  # a guard, or a server still starting, that will bind this port
+        if port is not None and lo <= port <= hi and not any(key[0] == pid for key in found):
+            add(pid, port, cmdline)
+    return sorted(found.values(), key=lambda e: (e["port"] or 0, e["pid"] or 0))
 
 
 async def wait_ready(engine: EngineProcess, http: aiohttp.ClientSession, timeout: float) -> None:
@@ -205,14 +284,20 @@ async def wait_ready(engine: EngineProcess, http: aiohttp.ClientSession, timeout
     deadline = time.monotonic() + timeout
     while True:
         if engine.exited:
+            if _ADDRESS_IN_USE.search(output_since_start(engine)):
+                raise PortInUse(f"port {engine.port} was taken by another process before vLLM could bind it")
             raise EngineError(
                 f"vLLM exited with code {engine.process.returncode} while starting: "
                 f"{summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
             )
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with http.get(f"{engine.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                if r.status == 200:
-                    return
+                healthy = r.status == 200
+            if healthy:
+                # whoever answered must be our child, not a stray that holds the port (never adopt one)
+                if await asyncio.to_thread(listens_on_port, engine) is False:
+                    raise PortInUse(f"port {engine.port} is answered by a process that is not this vLLM")
+                return
         if time.monotonic() > deadline:
             raise EngineError(f"vLLM did not become ready within {timeout:.0f} s (log: {engine.spec.log_path})")
         await asyncio.sleep(0.2)

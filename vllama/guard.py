@@ -5,7 +5,9 @@ CMD in that same process group and stays its parent. vLLM's API server spawns an
 the GPU memory) and more helpers; SIGKILL to the API server alone leaves them running. So the guard:
 - on SIGTERM/SIGINT, or when vllama dies (PR_SET_PDEATHSIG, plus polling the parent pid), sends SIGTERM to the
   API server, waits for it (`--grace` seconds), then SIGKILLs the whole group;
-- when the API server exits by itself, SIGKILLs whatever it left in the group and exits with its exit code.
+- when the API server exits by itself, SIGKILLs whatever it left in the group and exits with its exit code;
+- if the guard itself is SIGKILLed (say `pkill -9 -f vllama`, which takes vllama and every guard at once), the
+  API server gets SIGTERM from the kernel (PR_SET_PDEATHSIG set for it too) and stops its EngineCore.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent:  # the parent died before prctl took effect
         return 1
 
-    child = subprocess.Popen(command)  # same process group as the guard
+    # same process group as the guard; the server stops if the guard dies without a chance to stop it
+    child = subprocess.Popen(command, preexec_fn=lambda: _set_parent_death_signal(signal.SIGTERM))
     while child.poll() is None:
         if stop_requested or os.getppid() != args.parent:
             child.terminate()

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
 from vllama import engine as eng
-from vllama.config import ModelConfig
+from vllama.config import KeepAlive, ModelConfig
 from vllama.errors import ModelUnavailable
 
 
@@ -72,6 +72,8 @@ class Instance:
         self.last_error: str | None = None
         self.last_log: Path | None = None
         self.last_eviction: str | None = None
+        # set by a request's `keep_alive` (Ollama API): replaces the configured keep-alive ladder until it stops
+        self.keep_alive_override: KeepAlive | None = None
         self.failed_attempts = 0  # count of failed starts/wakes: waiters on a failed attempt share its error
         self.ready_at: float | None = None
         self.startup_seconds: float | None = None
@@ -80,6 +82,7 @@ class Instance:
         self._clock = clock
         self._idle = asyncio.Event()
         self._idle.set()
+        self._watcher: asyncio.Task[None] | None = None  # notices a child that dies by itself
 
     # --- requests ------------------------------------------------------------------------------------------
 
@@ -131,23 +134,54 @@ class Instance:
         self.last_error = message
         self._set(State.ERROR)
 
-    async def launch(self, spec: eng.LaunchSpec, *, startup_timeout: float, stop_grace: float) -> None:
-        """Spawn vLLM and wait until it answers. On failure: kill the group, state ERROR, raise."""
+    async def launch(
+        self,
+        spec: eng.LaunchSpec,
+        *,
+        startup_timeout: float,
+        stop_grace: float,
+        respawn: Callable[[eng.LaunchSpec], eng.LaunchSpec | None] | None = None,
+        spawner: Callable[[eng.LaunchSpec, float], Awaitable[eng.EngineProcess]] | None = None,
+    ) -> None:
+        """Spawn vLLM and wait until it answers. A child whose port was taken by another process (after it was
+        picked) is started again with the spec `respawn` gives (another port; None: give up), still STARTING:
+        the memory stays reserved. On failure: kill the group, state ERROR, raise."""
         assert self.lock.locked() and self.state is State.STARTING
-        self.last_log = spec.log_path
         t0 = self._clock()
+        deadline = t0 + startup_timeout
         engine: eng.EngineProcess | None = None
         try:
-            engine = await eng.spawn(spec, stop_grace=stop_grace)
-            self.engine = engine
-            asyncio.get_running_loop().create_task(self._watch(engine))
-            await eng.wait_ready(engine, self._http, startup_timeout)
+            while True:
+                self.last_log = spec.log_path
+                # the warm pool's spawner may hand the start to a pre-imported interpreter (vllama/pool.py)
+                engine = await (spawner(spec, stop_grace) if spawner else eng.spawn(spec, stop_grace=stop_grace))
+                self.engine = engine
+                try:
+                    await eng.wait_ready(engine, self._http, max(deadline - self._clock(), 0.0))
+                    break
+                except eng.PortInUse as exc:
+                    self.engine = None
+                    await eng.terminate(engine, stop_grace)
+                    engine = None
+                    retry = respawn(spec) if respawn is not None else None
+                    if retry is None:
+                        raise eng.EngineError(f"{exc} (log: {spec.log_path})") from None
+                    spec = retry
+            assert engine is not None
             await eng.warm_up(engine, self._http, self.name)
+            if engine.exited:
+                raise eng.EngineError(
+                    f"vLLM exited with code {engine.process.returncode} right after it became ready: "
+                    f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
+                )
         except (eng.EngineError, OSError) as exc:
             await self._fail(f"{self.name} failed to start: {exc}", engine, stop_grace)
         except BaseException:
             await self._fail(f"{self.name}: start was cancelled", engine, stop_grace)
             raise
+        # watched from here on (no await before RUNNING): until now the start itself noticed an exit
+        assert engine is not None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(engine))
         self.startup_seconds = self._clock() - t0
         self.ready_at = self._clock()
         self.sleep_level = 0
@@ -232,8 +266,24 @@ class Instance:
 
     async def _watch(self, engine: eng.EngineProcess) -> None:
         """Notice a child that dies by itself (crash, OOM kill) and record it."""
-        code = await engine.process.wait()
-        if self.engine is engine:  # not a stop we asked for
+        self._record_exit(engine, await engine.process.wait())
+
+    async def child_died(self, engine: eng.EngineProcess, within: float = 2.0) -> bool:
+        """For the relay, after a request could not even reach `engine` (connection refused, or reset before any
+        answer): True if the child is gone — its exit is then recorded at once, as the watcher would, so a fresh
+        `Manager.acquire` starts it again and the request can be sent there instead of failing with a 502;
+        False if it still runs (then the error is real). Waits up to `within` for the guard to notice."""
+        if not engine.exited:
+            try:
+                await asyncio.wait_for(asyncio.shield(engine.process.wait()), within)
+            except asyncio.TimeoutError:
+                return False
+        assert engine.process.returncode is not None
+        self._record_exit(engine, engine.process.returncode)
+        return True
+
+    def _record_exit(self, engine: eng.EngineProcess, code: int) -> None:
+        if self.engine is engine:  # not a stop we asked for, and not recorded yet
             self.engine = None
             eng.kill_group(engine.pid)  # the EngineCore may outlive the API server
             self.failed_attempts += 1

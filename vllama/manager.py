@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import psutil
 
 from vllama import engine as eng
 from vllama import scheduler
@@ -30,11 +33,16 @@ from vllama.config import GIB, KeepAlive, ModelConfig, ModelsFile, Settings, loa
 from vllama.errors import ConfigError, Conflict, ModelNotFound, ModelUnavailable, NoCapacity
 from vllama.gpu import GpuProbe
 from vllama.instance import Instance, State
+from vllama.metrics import Metrics
+from vllama.pool import WarmPool
+from vllama.sizing import Sizing, size_model
 
 log = logging.getLogger("vllama")
+T = TypeVar("T")
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEFAULT_CUDA_UTILIZATION = 0.9  # vLLM's own default
+PORT_RETRIES = 3  # launches again on another port when the picked one was taken before vLLM bound it
 
 
 def hf_cache_dir() -> Path:
@@ -53,6 +61,16 @@ def cached_hf_models() -> list[str]:
     return sorted(p.name[len("models--") :].replace("--", "/") for p in root.glob("models--*") if p.is_dir())
 
 
+def _is_local_path(name: str) -> bool:
+    """An absolute or ~ path that exists (a request may name any string: "~nobody", NUL bytes...)."""
+    if not name.startswith(("/", "~")):
+        return False
+    try:
+        return Path(name).expanduser().exists()
+    except (RuntimeError, ValueError, OSError):  # no such user's home, an embedded NUL, a name too long
+        return False
+
+
 class Manager:
     def __init__(self, settings: Settings, probe: GpuProbe, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -69,17 +87,47 @@ class Manager:
         self.config_error: str | None = None
         self.last_eviction: str | None = None
         self.evictions = 0
+        # the last evictions (capacity and keep-alive), newest last, for `ps`, `info` and the status page
+        self.recent_evictions: deque[dict[str, Any]] = deque(maxlen=50)
+        self.metrics = Metrics()
+        self.metrics.bind(self)
         self.started_at = time.time()
         self.closing = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._launching: dict[str, int] = {}  # model → the port picked for its launch in progress
+        # processes found at start-up on our port range that this vllama did not start (see engine.find_strays)
+        self.strays: list[dict[str, Any]] = []
+        # pre-imported vLLM interpreters that cold starts are handed to (vllama/pool.py)
+        self._sizing_cache: dict[tuple[str, str, int], tuple[float, Sizing]] = {}
+        self.pool = WarmPool(
+            size=settings.pool_size,
+            logs_dir=settings.logs_dir,
+            stop_grace=settings.stop_timeout,
+            device_kind=probe.kind,
+            fork=settings.pool_fork,
+            modules=settings.pool_modules,
+        )
 
     # --- lifecycle of the manager itself ---------------------------------------------------------------------
 
     async def open(self) -> None:
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.load_config(strict=True)
+        self.strays = await asyncio.to_thread(eng.find_strays, self.settings.port_range)
+        for stray in self.strays:
+            log.warning(
+                "stray process on vllama's port range %d-%d (not started by this vllama; left alone, its port is "
+                "skipped): pid %s, port %s, %s: %s",
+                *self.settings.port_range,
+                stray["pid"],
+                stray["port"],
+                stray["kind"],
+                stray["cmdline"],
+            )
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._keep_alive_task = asyncio.get_running_loop().create_task(self._keep_alive_loop())
+        self.pool.want_models(self._models.models, self.settings, self.probe.supports_sleep)
+        self.background(asyncio.get_running_loop().create_task(self.pool.fill()))
 
     async def close(self) -> None:
         """Let in-flight requests finish (bounded), then stop every child."""
@@ -89,7 +137,7 @@ class Manager:
         deadline = self.clock() + self.settings.shutdown_grace
         while any(i.in_flight for i in self.instances.values()) and self.clock() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)  # a bounded poll across every instance
-        await asyncio.gather(*(self._stop_for_shutdown(i) for i in self.instances.values()))
+        await asyncio.gather(*(self._stop_for_shutdown(i) for i in self.instances.values()), self.pool.close())
         if self._http:
             await self._http.close()
 
@@ -151,7 +199,7 @@ class Manager:
             return canonical, cfg
         if canonical in self.instances:
             return canonical, self.instances[canonical].cfg
-        if _HF_ID.match(name) or (name.startswith(("/", "~")) and Path(name).expanduser().exists()):
+        if _HF_ID.match(name) or _is_local_path(name):
             return name, ModelConfig()
         known = ", ".join(sorted(models.models)) or "none configured"
         raise ModelNotFound(
@@ -190,6 +238,13 @@ class Manager:
             return inst
         if self.closing:
             raise ModelUnavailable("vllama is shutting down")
+        waited_from = time.perf_counter()
+        try:
+            return await self._acquire_slow(inst)
+        finally:
+            self.metrics.observe_wait(inst.name, time.perf_counter() - waited_from)
+
+    async def _acquire_slow(self, inst: Instance) -> Instance:
         attempts_seen = inst.failed_attempts
         async with inst.lock:
             if inst.try_acquire():
@@ -213,33 +268,99 @@ class Manager:
         async with self._load_locks(devices):
             await self._make_room_and_reserve(inst, devices, waking)
             if waking:
-                await inst.finish_wake(self.settings.stop_timeout)
+                await self._observed(inst, "wake", inst.finish_wake(self.settings.stop_timeout))
                 self._measure_asleep_held_later(inst)
             else:
-                await self._launch(inst)
+                await self._observed(inst, "start", self._launch(inst))
+
+    def _pick_port(self, avoid: list[int]) -> int:
+        """A free port of the range that no instance (running or being launched) and no stray has."""
+        taken = {i.engine.port for i in self.instances.values() if i.engine is not None}
+        taken |= set(self._launching.values()) | {int(s["port"]) for s in self.strays if s["port"]}
+        return eng.pick_port(self.settings.port_range, taken | set(avoid))
 
     async def _launch(self, inst: Instance) -> None:
-        taken = [i.engine.port for i in self.instances.values() if i.engine is not None]
+        tried: list[int] = []
+
+        def spec_on_a_free_port() -> eng.LaunchSpec:
+            port = self._pick_port(tried)
+            tried.append(port)
+            self._launching[inst.name] = port  # picked but not bound yet: no concurrent launch may pick it
+            spec = eng.build_launch(
+                name=inst.name,
+                cfg=inst.cfg,
+                vllm_command=self.settings.vllm_command,
+                port=port,
+                devices=inst.devices,
+                device_kind=self.probe.kind,
+                gpu_memory_utilization=inst.gpu_memory_utilization,
+                logs_dir=self.settings.logs_dir,
+                sleep_mode=self.probe.supports_sleep,
+            )
+            # memory auto-sizing: vLLM's KV cache gets exactly the estimated size (vllama/sizing.py)
+            sized = self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices))
+            if sized is not None and sized.estimate is not None:
+                # on the CPU build VLLM_CPU_KVCACHE_SPACE (vllama's default 1 GiB) would override the flag
+                env = {k: v for k, v in spec.env.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+                spec = dataclasses.replace(spec, argv=[*spec.argv, *sized.extra_args()], env=env)
+            return spec
+
+        def respawn(failed: eng.LaunchSpec) -> eng.LaunchSpec | None:
+            """Another process took the port between the pick and vLLM's bind: try another one (bounded)."""
+            if len(tried) > PORT_RETRIES:
+                return None
+            try:
+                spec = spec_on_a_free_port()
+            except eng.EngineError:
+                return None
+            log.warning("%s: port %d was taken by another process; trying port %d", inst.name, failed.port, spec.port)
+            return spec
+
         try:
-            port = eng.pick_port(self.settings.port_range, taken)
+            spec = spec_on_a_free_port()
         except eng.EngineError as exc:
             inst.abort_start(str(exc))
             raise ModelUnavailable(str(exc)) from None
-        spec = eng.build_launch(
-            name=inst.name,
-            cfg=inst.cfg,
-            vllm_command=self.settings.vllm_command,
-            port=port,
-            devices=inst.devices,
-            device_kind=self.probe.kind,
-            gpu_memory_utilization=inst.gpu_memory_utilization,
-            logs_dir=self.settings.logs_dir,
-            sleep_mode=self.probe.supports_sleep,
+        log.info(
+            "starting %s on devices %s, port %d (log: %s)", inst.name, list(inst.devices), spec.port, spec.log_path
         )
-        log.info("starting %s on devices %s, port %d (log: %s)", inst.name, list(inst.devices), port, spec.log_path)
         timeout = inst.cfg.startup_timeout or self.settings.startup_timeout
-        await inst.launch(spec, startup_timeout=timeout, stop_grace=self.settings.stop_timeout)
+        prefix = inst.cfg.vllm_command or self.settings.vllm_command
+        try:
+            await inst.launch(
+                spec,
+                startup_timeout=timeout,
+                stop_grace=self.settings.stop_timeout,
+                respawn=respawn,
+                spawner=lambda spec, grace: self.pool.spawn(
+                    spec, prefix=prefix, stop_grace=grace, prewarm=inst.cfg.prewarm
+                ),
+            )
+        finally:
+            self._launching.pop(inst.name, None)
         log.info("%s ready in %.1f s", inst.name, inst.startup_seconds or 0)
+
+    async def _observed(self, inst: Instance, operation: str, step: Awaitable[T]) -> T:
+        """Await a lifecycle operation on `inst`, counting it and timing it in the metrics. An operation that
+        answers False (in-flight requests did not finish in time) did nothing and is not counted."""
+        t0 = time.perf_counter()
+        try:
+            result = await step
+        except BaseException:
+            self.metrics.observe_operation(inst.name, operation, time.perf_counter() - t0, False)
+            raise
+        if result is not False:
+            ok = inst.state is not State.ERROR
+            self.metrics.observe_operation(inst.name, operation, time.perf_counter() - t0, ok)
+        return result
+
+    def _record_eviction(self, inst: Instance, *, action: str, reason: str, message: str) -> None:
+        """Remember a sleep or stop vllama decided by itself (`reason`: capacity, keep_alive, request)."""
+        inst.last_eviction = message
+        self.recent_evictions.append(
+            {"time": time.time(), "model": inst.name, "action": action, "reason": reason, "message": message}
+        )
+        self.metrics.observe_eviction(inst.name, reason, action)
 
     @contextlib.asynccontextmanager
     async def _load_locks(self, devices: tuple[int, ...]) -> AsyncIterator[None]:
@@ -254,8 +375,42 @@ class Manager:
 
     # --- memory --------------------------------------------------------------------------------------------
 
-    def need_for(self, cfg: ModelConfig, total: int) -> tuple[int, float | None]:
+    def sizing_for(self, name: str, cfg: ModelConfig, total: int) -> Sizing | None:
+        """Memory auto-sizing of a model (`memory: auto`, or VLLAMA_AUTO_MEMORY=1 without an explicit memory
+        setting); None where it does not apply. An estimate is remembered for a minute."""
+        if cfg.gpu_memory_utilization is not None or cfg.gpu_memory_gib is not None or total <= 0:
+            return None
+        if cfg.memory != "auto" and not (self.settings.auto_memory and cfg.memory is None):
+            return None
+        if self.probe.kind == "cpu" and "VLLM_CPU_KVCACHE_SPACE" in {**os.environ, **cfg.env}:
+            return Sizing(None, "auto memory: VLLM_CPU_KVCACHE_SPACE is set and sizes the KV cache: default rule used")
+        key = (name, cfg.model_dump_json(), total)
+        cached = self._sizing_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < 60.0:
+            return cached[1]
+        sized = size_model(
+            cfg.source or name,
+            extra_args=cfg.extra_args,
+            max_model_len=cfg.max_model_len,
+            tp=cfg.tp,
+            sequences=cfg.auto_memory_sequences or self.settings.auto_memory_sequences,
+            device_total=total,
+            device_kind=self.probe.kind,
+        )
+        if len(self._sizing_cache) > 256:
+            self._sizing_cache.clear()
+        self._sizing_cache[key] = (time.monotonic(), sized)
+        return sized
+
+    def _device_total(self, devices: tuple[int, ...]) -> int:
+        totals = [d.total for d in self.probe.devices() if d.index in devices]
+        return min(totals) if totals else 0
+
+    def need_for(self, cfg: ModelConfig, total: int, name: str | None = None) -> tuple[int, float | None]:
         """(bytes needed free on each device, the utilization fraction to give vLLM)."""
+        sized = self.sizing_for(name or cfg.source or "", cfg, total) if (name or cfg.source) else None
+        if sized is not None and sized.estimate is not None:
+            return sized.need, (sized.utilization(total) if self.probe.kind == "cuda" else None)
         if cfg.gpu_memory_gib is not None:
             need = int(cfg.gpu_memory_gib * GIB)
             return need, min(need / total, 1.0)
@@ -302,19 +457,25 @@ class Manager:
         per_pid = self.probe.process_memory()
         if not per_pid:
             return {}
+        # each child's process group is led by its guard: map the few GPU-holding pids to groups, rather than
+        # scanning every process of the machine (this runs on the event loop, during placements)
+        by_group = {inst.engine.pid: inst.name for inst in self.instances.values() if inst.engine is not None}
         out: dict[str, dict[int, int]] = {}
-        for inst in self.instances.values():
-            if inst.engine is None:
+        for pid, per_device in per_pid.items():
+            try:
+                name = by_group.get(os.getpgid(pid))
+            except OSError:
                 continue
-            for pid in inst.engine.group_pids():
-                for d, n in per_pid.get(pid, {}).items():
-                    out.setdefault(inst.name, {})[d] = out.get(inst.name, {}).get(d, 0) + n
+            if name is not None:
+                mine = out.setdefault(name, {})
+                for d, n in per_device.items():
+                    mine[d] = mine.get(d, 0) + n
         return out
 
     def _demand(self, inst: Instance, devices: tuple[int, ...] | None, waking: bool) -> scheduler.Demand:
         totals = {d.index: d.total for d in self.probe.devices()}
         candidates = devices if devices is not None else tuple(totals)
-        need, _ = self.need_for(inst.cfg, max(totals.get(d, 0) for d in candidates) if candidates else 0)
+        need, _ = self.need_for(inst.cfg, max(totals.get(d, 0) for d in candidates) if candidates else 0, inst.name)
         if waking:
             need = inst.need
         return scheduler.Demand(
@@ -354,7 +515,7 @@ class Manager:
                             inst.begin_wake()
                         else:
                             total = min(d.total for d in device_view if d.index in devices)
-                            _, util = self.need_for(inst.cfg, total)
+                            _, util = self.need_for(inst.cfg, total, inst.name)
                             inst.reserve_start(devices, demand.need, util)
                         return
                     wanted = {d: demand.need - demand.held for d in devices}
@@ -381,16 +542,17 @@ class Manager:
             if victim.in_flight:
                 return
             if eviction.level in (1, 2) and victim.state is State.RUNNING:
-                done = await victim.sleep(eviction.level, drain_timeout=0)
-                what = f"put to sleep (level {eviction.level})"
+                done = await self._observed(victim, "sleep", victim.sleep(eviction.level, drain_timeout=0))
+                what, action = f"put to sleep (level {eviction.level})", f"sleep_l{eviction.level}"
                 self._measure_asleep_held_later(victim)
             else:
-                done = await victim.stop(drain_timeout=0, stop_grace=self.settings.stop_timeout)
-                what = "stopped"
+                stop = victim.stop(drain_timeout=0, stop_grace=self.settings.stop_timeout)
+                done = await self._observed(victim, "stop", stop)
+                what, action = "stopped", "stop"
         if not done:
             return
         reason = f"{victim.name} {what} at {time.strftime('%H:%M:%S')} to make room for {for_model}"
-        victim.last_eviction = reason
+        self._record_eviction(victim, action=action, reason="capacity", message=reason)
         self.last_eviction = reason
         self.evictions += 1
         log.info("eviction: %s", reason)
@@ -439,8 +601,10 @@ class Manager:
     async def stop(self, name: str) -> Instance:
         inst = self.instance(name)
         async with inst.lock:
-            if not await inst.stop(drain_timeout=self.settings.drain_timeout, stop_grace=self.settings.stop_timeout):
+            stop = inst.stop(drain_timeout=self.settings.drain_timeout, stop_grace=self.settings.stop_timeout)
+            if not await self._observed(inst, "stop", stop):
                 raise Conflict(f"{inst.name} still has {inst.in_flight} request(s) in flight; try again later")
+            inst.keep_alive_override = None
         return inst
 
     async def sleep(self, name: str, level: int) -> tuple[Instance, str]:
@@ -461,7 +625,7 @@ class Manager:
                 raise Conflict(f"{inst.name} is asleep at level {inst.sleep_level}; wake it first (vllama start)")
             if inst.state is not State.RUNNING:
                 raise Conflict(f"{inst.name} is {inst.state.value}, not running: nothing to put to sleep")
-            if not await inst.sleep(level, drain_timeout=self.settings.drain_timeout):
+            if not await self._observed(inst, "sleep", inst.sleep(level, drain_timeout=self.settings.drain_timeout)):
                 raise Conflict(f"{inst.name} still has {inst.in_flight} request(s) in flight; try again later")
             self._measure_asleep_held_later(inst)
         return inst, note
@@ -469,7 +633,21 @@ class Manager:
     # --- keep-alive ----------------------------------------------------------------------------------------
 
     def keep_alive_for(self, inst: Instance) -> KeepAlive:
-        return inst.cfg.keep_alive or self.settings.keep_alive
+        """The ladder `inst` follows: a request's `keep_alive` (Ollama API) wins over models.yaml and the default."""
+        return inst.keep_alive_override or inst.cfg.keep_alive or self.settings.keep_alive
+
+    def expires_at(self, inst: Instance) -> float | None:
+        """Wall-clock time of the next keep-alive step of `inst` (its next sleep or its stop), if it has one."""
+        if inst.cfg.pinned or inst.state not in (State.RUNNING, State.SLEEPING):
+            return None
+        ka = self.keep_alive_for(inst)
+        steps = [ka.stop]
+        if inst.state is State.RUNNING and self.probe.supports_sleep:
+            steps += [ka.sleep_l1, ka.sleep_l2]  # asleep, the next step down is the stop (see apply_keep_alive)
+        due = [s for s in steps if s is not None]
+        if not due:
+            return None
+        return (time.time() if inst.in_flight else inst.last_used_wall) + min(due)
 
     async def _keep_alive_loop(self) -> None:
         while True:
@@ -500,14 +678,24 @@ class Manager:
             async with inst.lock:
                 if inst.in_flight:
                     continue
+                reason = "keep_alive" if inst.keep_alive_override is None else "request"
                 if step == "stop":
-                    await inst.stop(drain_timeout=0, stop_grace=self.settings.stop_timeout)
+                    stop = inst.stop(drain_timeout=0, stop_grace=self.settings.stop_timeout)
+                    if not await self._observed(inst, "stop", stop):
+                        continue
+                    inst.keep_alive_override = None
                 elif inst.state is State.RUNNING:
-                    await inst.sleep(1 if step == "sleep_l1" else 2, drain_timeout=0)
+                    level = 1 if step == "sleep_l1" else 2
+                    if not await self._observed(inst, "sleep", inst.sleep(level, drain_timeout=0)):
+                        continue
                     self._measure_asleep_held_later(inst)
                 else:
                     continue  # asleep at L1 already: the next step down is the stop
-                inst.last_eviction = f"keep-alive: {step} after {inst.idle_for():.0f} s idle"
+                message = f"keep-alive: {step} after {inst.idle_for():.0f} s idle"
+                if reason == "request":
+                    message += " (keep_alive set by a request)"
+                action = "stop" if step == "stop" else step
+                self._record_eviction(inst, action=action, reason=reason, message=message)
             log.info("keep-alive: %s %s", inst.name, step)
 
     # --- views ---------------------------------------------------------------------------------------------
@@ -528,11 +716,23 @@ class Manager:
             for d in view
         ]
 
+    def live_strays(self) -> list[dict[str, Any]]:
+        """The strays found at start-up that are still there (for `info`)."""
+        self.strays = [s for s in self.strays if s["pid"] is None or psutil.pid_exists(s["pid"])]
+        return self.strays
+
     def ps(self) -> list[dict[str, Any]]:
         measured = self._measured_by_instance()
         out = []
         for inst in self.instances.values():
             snap = inst.snapshot()
             snap["memory_bytes"] = measured.get(inst.name) or {d: inst.reserved() for d in inst.devices}
+            snap["keep_alive"] = self.keep_alive_for(inst).model_dump()
+            snap["keep_alive_from_request"] = inst.keep_alive_override is not None
+            snap["expires_at"] = self.expires_at(inst)
+            snap["started_by"] = self.pool.how_started(inst.engine)  # the warm pool, or why a plain spawn
+            sized = self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices or (0,)))
+            snap["memory_sizing"] = sized.reason if sized is not None else None
+            snap["memory_estimate"] = sized.estimate.as_dict() if sized is not None and sized.estimate else None
             out.append(snap)
         return out

@@ -4,6 +4,7 @@ in-flight requests finish (bounded) and stops every vLLM child."""
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,10 +13,11 @@ from types import FrameType
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from vllama import __version__
-from vllama.api import admin, openai
+from vllama import __version__, metrics
+from vllama.api import admin, ollama, openai, ui
+from vllama.auth import ApiKeyMiddleware
 from vllama.config import Settings
 from vllama.errors import VllamaError, error_body
 from vllama.gpu import GIB, GpuProbe, make_probe
@@ -46,6 +48,13 @@ def create_app(settings: Settings, probe: GpuProbe | None = None) -> FastAPI:
             [d.name for d in manager.probe.devices()],
             settings.models_path,
         )
+        if not settings.api_key and settings.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "listening on %s without an API key: anyone who can reach port %d can use every model and the "
+                "admin API (set VLLAMA_API_KEY, or --host 127.0.0.1)",
+                settings.host,
+                settings.port,
+            )
         try:
             yield
         finally:
@@ -56,6 +65,16 @@ def create_app(settings: Settings, probe: GpuProbe | None = None) -> FastAPI:
     app.state.manager = manager
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(ollama.router)
+    app.include_router(ui.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(manager.metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+    if settings.api_key or settings.admin_api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, admin_api_key=settings.admin_api_key)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=manager.metrics)  # outermost: counts 401s too
 
     @app.exception_handler(VllamaError)
     async def vllama_error(request: Request, exc: VllamaError) -> JSONResponse:
@@ -99,6 +118,6 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),  # int(0.5) would be no grace at all
         access_log=False,
     )

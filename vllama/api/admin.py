@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from vllama import __version__
-from vllama import engine as eng
 from vllama.config import update_model_entry
 from vllama.errors import BadRequest, ConfigError, NotFound
 from vllama.instance import State
@@ -67,7 +68,10 @@ async def info(request: Request) -> dict[str, Any]:
         "uptime_seconds": round(time.time() - m.started_at, 1),
         "evictions": m.evictions,
         "last_eviction": m.last_eviction,
+        "recent_evictions": list(m.recent_evictions),
         "keep_alive_default": s.keep_alive.model_dump(),
+        "strays": m.live_strays(),
+        "warm_pool": m.pool.snapshot(),
         "health": "ok",
     }
 
@@ -75,7 +79,12 @@ async def info(request: Request) -> dict[str, Any]:
 @router.get("/ps")
 async def ps(request: Request) -> dict[str, Any]:
     m = manager_of(request)
-    return {"models": m.ps(), "devices": m.devices_snapshot(), "last_eviction": m.last_eviction}
+    return {
+        "models": m.ps(),
+        "devices": m.devices_snapshot(),
+        "last_eviction": m.last_eviction,
+        "recent_evictions": list(m.recent_evictions),
+    }
 
 
 @router.post("/start")
@@ -134,14 +143,48 @@ async def assign(body: AssignBody, request: Request) -> dict[str, Any]:
 
 
 @router.get("/logs")
-async def logs(request: Request, model: str, lines: int = 50) -> dict[str, Any]:
+async def logs(request: Request, model: str, lines: int = 50, offset: int | None = None) -> dict[str, Any]:
+    """The last `lines` of MODEL's current vLLM log; or, with `offset` (a byte position, as answered in `offset`
+    by the previous call), the complete lines written since (`vllama logs -f` and `vllama start` follow it so)."""
     m = manager_of(request)
     name, _ = m.resolve(model)
     inst = m.instances.get(name)
     if inst is None or inst.last_log is None:
         raise NotFound(f"{name} has no log yet (it has not been started by this vllama)")
-    return {
-        "model": name,
-        "log": str(inst.last_log),
-        "lines": eng.log_tail(inst.last_log, max(1, min(lines, 2000))),
-    }
+    if offset is None:
+        text, end = _log_tail(inst.last_log, max(1, min(lines, 2000)))
+    else:
+        text, end = _log_from(inst.last_log, max(0, offset))
+    return {"model": name, "log": str(inst.last_log), "lines": text, "offset": end}
+
+
+_LOG_CHUNK = 1024 * 1024
+
+
+def _log_tail(path: Path, lines: int) -> tuple[str, int]:
+    """The last lines of a log and the byte offset right after them (read once, so nothing falls between)."""
+    try:
+        with path.open("rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 64 * 1024))
+            data = f.read(end - f.tell())
+    except OSError:
+        return "", 0
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:]), end
+
+
+def _log_from(path: Path, offset: int) -> tuple[str, int]:
+    """Complete lines from `offset` (at most 1 MiB) and the offset after them. A log shorter than `offset` was
+    replaced (a restart writes a new file): read it from the start."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read(_LOG_CHUNK)
+    except OSError:
+        return "", offset
+    if len(data) < _LOG_CHUNK:
+        data = data[: data.rfind(b"\n") + 1]  # only whole lines: the rest comes with the next call
+    return data.decode(errors="replace"), offset + len(data)

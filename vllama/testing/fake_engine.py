@@ -34,7 +34,8 @@ Environment knobs:
 Completions echo the last user message (or the prompt): "echo: <words>", padded with "tokN" words to exactly
 max_tokens tokens (default 16; finish_reason "length"); a word containing a `stop` string ends it ("stop").
 Tokens are whitespace words. Embeddings are hashed bags of words, so texts sharing words are similar; score
-and rerank return their cosine. GET /fake/stats → in_flight, served, sleeping, level, broken, cancelled.
+and rerank return their cosine. GET /fake/stats → in_flight, served, sleeping, level, broken, cancelled,
+credentials_seen (requests that carried an Authorization or x-api-key header: vllama must strip them).
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ class FakeEngine:
         self.weights_ok = True  # False after a level-2 sleep until reload_weights
         self.broken = False
         self.in_flight = self.served = self.cancelled = 0
+        self.credentials_seen = 0  # requests that arrived with an Authorization or x-api-key header
 
     def app(self, sleep_api: bool) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
@@ -275,6 +277,7 @@ class FakeEngine:
                 "level": self.level,
                 "broken": self.broken,
                 "cancelled": self.cancelled,
+                "credentials_seen": self.credentials_seen,
             }
         )
 
@@ -292,6 +295,8 @@ class FakeEngine:
             model = body.get("model")
             if model is not None and model not in self.names:
                 return error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            if "Authorization" in request.headers or "x-api-key" in request.headers:
+                self.credentials_seen += 1
             self.in_flight += 1
             try:
                 response = await fn(request, body)

@@ -1,0 +1,314 @@
+"""The warm interpreter pool (vllama/pool.py, vllama/spare.py): the pure rules (which commands can be pooled,
+which environments are interchangeable), the spare protocol end to end with the fake engine as the "server
+module" (imports, hand-off, log redirection, guard, stop, refill), the fallbacks, and the daemon using it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import Daemon, processes_in_groups, wait_until_gone
+from vllama import engine as eng
+from vllama import spare
+from vllama.config import ModelConfig
+from vllama.pool import (
+    LATE_ENV,
+    MAX_FAILURES,
+    WarmPool,
+    handoff_blockers,
+    import_env,
+    pool_key,
+    split_command,
+)
+
+PY = sys.executable
+FAKE = "vllama.testing.fake_engine"
+FAKE_CMD = [PY, "-m", FAKE]
+
+# --- pure rules ------------------------------------------------------------------------------------------------
+
+
+SERVER = "vllm.entrypoints.openai.api_server"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ([PY, "-m", SERVER], ((PY,), SERVER)),
+        ([PY, "-X", "faulthandler", "-u", "-m", SERVER], ((PY, "-X", "faulthandler", "-u"), SERVER)),
+        (["/opt/vllm/bin/vllm", "serve"], None),  # a console script
+        ([PY, "wrapper.py", "-m", SERVER], None),  # a script, not an interpreter flag
+        ([PY, "-c", "pass", "-m", SERVER], None),
+        ([PY, "-m", "vllm.entrypoints.cli.main"], None),  # not a pre-importable server module
+    ],
+)
+def test_split_command(prefix: list[str], expected: object) -> None:
+    assert split_command(prefix) == expected
+
+
+def test_pool_key_ignores_late_variables_only() -> None:
+    base = {"PATH": "/bin", "HF_HOME": "/hf", "CUDA_VISIBLE_DEVICES": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [PY, "-m", "vllm.entrypoints.openai.api_server"]
+    key = pool_key(cmd, base)
+    assert key is not None and key.module == "vllm.entrypoints.openai.api_server"
+    assert pool_key(cmd, {**base, "CUDA_VISIBLE_DEVICES": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}) == key
+    assert pool_key(cmd, {**base, "HF_HOME": "/elsewhere"}) != key  # read into constants at import
+    assert pool_key(cmd, {**base, "OMP_NUM_THREADS": "4"}) != key  # read when torch loads OpenMP
+    assert pool_key([PY, "-m", "other"], base) is None
+    assert dict(import_env(base)) == {"PATH": "/bin", "HF_HOME": "/hf"}
+    assert "CUDA_VISIBLE_DEVICES" in LATE_ENV and "PYTHONPATH" not in LATE_ENV
+
+
+def test_handoff_blockers() -> None:
+    spare_env = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_loaded=False) == []
+    # once the spare loaded the CUDA driver, the device list it saw at cuInit is final
+    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_loaded=True) == [
+        "CUDA_VISIBLE_DEVICES"
+    ]
+    assert handoff_blockers(spare_env, {**spare_env, "LD_PRELOAD": "x.so"}, cuda_loaded=False) == ["LD_PRELOAD"]
+    assert handoff_blockers(spare_env, {"PATH": "/bin"}, cuda_loaded=False) == []
+
+
+def test_cpu_list_from_vllms_openmp_variables() -> None:
+    assert spare._cpu_list({"GOMP_CPU_AFFINITY": "0 1 2"}) == [0, 1, 2]
+    assert spare._cpu_list({"OMP_PLACES": "{4,5,6}"}) == [4, 5, 6]
+    assert spare._cpu_list({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[2,3]"}) == [2, 3]
+    assert spare._cpu_list({"GOMP_CPU_AFFINITY": "0-3"}) == [0, 1, 2, 3]
+    assert spare._cpu_list({}) == []
+
+
+# --- the protocol, with the fake engine as the server module -----------------------------------------------------
+
+
+def launch(tmp: Path, *, env: dict[str, str] | None = None, name: str = "m") -> eng.LaunchSpec:
+    cfg = ModelConfig(env=env or {})
+    return eng.build_launch(
+        name=name,
+        cfg=cfg,
+        vllm_command=FAKE_CMD,
+        port=eng.pick_port((39000, 39999), []),
+        devices=(0,),
+        device_kind="cuda",
+        gpu_memory_utilization=0.5,
+        logs_dir=tmp / "logs",
+        sleep_mode=True,
+    )
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[WarmPool]:
+    p = WarmPool(size=1, logs_dir=tmp_path / "logs", stop_grace=3, device_kind="cuda", modules=[FAKE, "slowmod"])
+    yield p
+    await p.close()
+
+
+async def until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_ready_spare(pool: WarmPool, timeout: float = 30.0) -> dict[str, object]:
+    ready = await until(
+        lambda: [s for s in pool.snapshot()["spares"] if s["state"] == "ready"], timeout, f"a spare: {pool.snapshot()}"
+    )
+    return dict(ready[0])
+
+
+def group_alive(pgid: int) -> list[int]:
+    return processes_in_groups({pgid})
+
+
+async def test_spare_takes_a_model_and_stops_cleanly(pool: WarmPool, tmp_path: Path) -> None:
+    spec = launch(tmp_path)
+    assert pool.want(FAKE_CMD, spec.env) is not None
+    await pool.fill()
+    spare_info = await wait_ready_spare(pool)
+    engine = await pool.spawn(spec, prefix=FAKE_CMD, stop_grace=3)
+    assert pool.how_started(engine) == "warm pool" and pool.pooled_starts == 1
+    async with aiohttp.ClientSession() as http:
+        await eng.wait_ready(engine, http, 30)
+        body = {"model": "m", "prompt": "hello pool", "max_tokens": 3}
+        async with http.post(f"{engine.base_url}/v1/completions", json=body) as r:
+            assert r.status == 200
+            assert (await r.json())["choices"][0]["text"] == "echo: hello pool"
+    # the spare itself became the server: same process, in the guard's group, with the server's command line
+    assert engine.server_pid() == spare_info["pid"]
+    assert os.getpgid(int(spare_info["pid"])) == engine.pid
+    title = " ".join(psutil.Process(int(spare_info["pid"])).cmdline())
+    assert FAKE in title and "--host 127.0.0.1" in title
+    log = spec.log_path.read_text()
+    assert log.startswith("# vllama: ") and "warm pool: taken by pre-imported interpreter" in log
+    assert "Starting vLLM API server" in eng.output_since_start(engine)  # its output went to the model's log
+    assert await eng.terminate(engine, 3) == 0
+    assert not wait_until_gone({engine.pid}, 10)
+    # a new spare is made once that start is over
+    await wait_ready_spare(pool)
+
+
+async def test_close_stops_waiting_spares(pool: WarmPool, tmp_path: Path) -> None:
+    pool.want(FAKE_CMD, launch(tmp_path).env)
+    await pool.fill()
+    info = await wait_ready_spare(pool)
+    await pool.close()
+    assert not wait_until_gone({int(info["guard_pid"])}, 10)
+    assert pool.snapshot()["spares"] == []
+
+
+async def test_fallbacks_are_plain_spawns(pool: WarmPool, tmp_path: Path) -> None:
+    spec = launch(tmp_path)
+    pool.want(FAKE_CMD, spec.env)
+    await pool.fill()
+    await wait_ready_spare(pool)
+    engines = []
+    # a model that opts out
+    engines.append(await pool.spawn(spec, prefix=FAKE_CMD, stop_grace=3, prewarm=False))
+    assert pool.how_started(engines[-1]) == "plain spawn: the model sets prewarm: false"
+    # a model whose environment differs in a variable read at import: another engine environment
+    other = launch(tmp_path, env={"SOME_IMPORT_TIME_SETTING": "1"}, name="other")
+    engines.append(await pool.spawn(other, prefix=FAKE_CMD, stop_grace=3))
+    assert "no spare" in str(pool.how_started(engines[-1]))
+    assert pool.snapshot()["engine_environments"] == 2  # spares are kept for it from now on
+    # a command that cannot be pooled
+    engines.append(await pool.spawn(spec, prefix=[PY, "-m", "vllama.testing.other"], stop_grace=3))
+    assert "command line does not start" in str(pool.how_started(engines[-1]))
+    assert pool.pooled_starts == 0 and pool.plain_starts == 3
+    for engine in engines:
+        await eng.terminate(engine, 3)
+
+
+async def test_a_dead_spare_is_replaced_and_the_start_falls_back(pool: WarmPool, tmp_path: Path) -> None:
+    spec = launch(tmp_path)
+    pool.want(FAKE_CMD, spec.env)
+    await pool.fill()
+    info = await wait_ready_spare(pool)
+    os.kill(int(info["pid"]), signal.SIGKILL)  # the spare dies while waiting
+    await until(lambda: all(s["pid"] != info["pid"] for s in pool.snapshot()["spares"]), 10, "the dead spare gone")
+    new = await wait_ready_spare(pool)  # refilled
+    assert new["pid"] != info["pid"]
+    engine = await pool.spawn(spec, prefix=FAKE_CMD, stop_grace=3)
+    assert pool.how_started(engine) == "warm pool"
+    await eng.terminate(engine, 3)
+
+
+async def test_failing_imports_give_up_and_fall_back(tmp_path: Path) -> None:
+    pool = WarmPool(size=1, logs_dir=tmp_path / "logs", stop_grace=3, device_kind="cuda", modules=["no_such_mod"])
+    try:
+        cmd = [PY, "-m", "no_such_mod"]
+        spec = launch(tmp_path)
+        spec = eng.LaunchSpec(argv=[*cmd, *spec.argv[3:]], env=spec.env, port=spec.port, log_path=spec.log_path)
+        pool.want(cmd, spec.env)
+        await pool.fill()
+        await until(lambda: pool.snapshot()["gave_up"], 60, "the pool to give up")
+        assert pool.snapshot()["gave_up"] == [f"{PY} -m no_such_mod"], pool.snapshot()
+        assert pool._failures[next(iter(pool._wanted))] == MAX_FAILURES
+        engine = await pool.spawn(spec, prefix=cmd, stop_grace=3)  # a plain spawn, which fails like bare would
+        assert "no spare" in str(pool.how_started(engine))
+        assert await engine.process.wait() != 0
+        assert "ModuleNotFoundError" in (tmp_path / "logs" / "warm-pool.log").read_text()
+    finally:
+        await pool.close()
+
+
+async def test_a_start_waits_for_a_spare_still_importing(pool: WarmPool, tmp_path: Path) -> None:
+    """A spare that is still importing is ahead of a fresh interpreter: the start takes it (at full priority)
+    rather than spawning another. The module's `__main__` gets the model's argv and its exit code comes back."""
+    (tmp_path / "slowmod.py").write_text(
+        "import sys, time\ntime.sleep(1.5)\n"
+        "if __name__ == '__main__':\n    print('slowmod ran with', sys.argv[1:], flush=True)\n    sys.exit(3)\n"
+    )
+    cmd = [PY, "-m", "slowmod"]
+    base = launch(tmp_path)
+    env = {**base.env, "PYTHONPATH": str(tmp_path)}
+    spec = eng.LaunchSpec(argv=[*cmd, "--model", "x"], env=env, port=base.port, log_path=base.log_path)
+    pool.want(cmd, env)
+    await pool.fill()
+    assert pool.snapshot()["spares"][0]["state"] == "importing"
+    engine = await pool.spawn(spec, prefix=cmd, stop_grace=3)
+    assert pool.how_started(engine) == "warm pool"
+    assert await asyncio.wait_for(engine.process.wait(), 30) == 3
+    assert "slowmod ran with ['--model', 'x']" in spec.log_path.read_text()
+
+
+# --- the daemon with the pool ----------------------------------------------------------------------------------
+
+
+def test_daemon_hands_cold_starts_to_the_pool(fake_daemon: Daemon) -> None:
+    fake_daemon.env |= {"VLLAMA_POOL_SIZE": "1", "VLLAMA_POOL_MODULES": FAKE}
+    fake_daemon.write_models({"A": {"gpu_memory_gib": 2}, "B": {"gpu_memory_gib": 2, "prewarm": False}})
+    fake_daemon.start()
+    with fake_daemon.client() as c:
+
+        def ready_spares() -> list[dict[str, object]]:
+            pool = c.get("/vllama/info").json()["warm_pool"]
+            return [s for s in pool["spares"] if s["state"] == "ready"]
+
+        deadline = time.monotonic() + 30
+        while not ready_spares():
+            assert time.monotonic() < deadline, c.get("/vllama/info").json()["warm_pool"]
+            time.sleep(0.1)
+        spare_pid = ready_spares()[0]["pid"]
+        for model in ("A", "B"):
+            r = c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+        rows = {m["model"]: m for m in c.get("/vllama/ps").json()["models"]}
+        assert rows["A"]["started_by"] == "warm pool" and rows["A"]["pid"] == spare_pid
+        assert rows["B"]["started_by"] == "plain spawn: the model sets prewarm: false"
+        pool = c.get("/vllama/info").json()["warm_pool"]
+        assert pool["pooled_starts"] == 1 and pool["plain_starts"] == 1
+        assert c.post("/vllama/stop", json={"model": "A"}).status_code == 200
+        deadline = time.monotonic() + 30
+        while not ready_spares():  # refilled after A's start
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    groups = fake_daemon.child_groups()
+    assert len(groups) == 2  # B and the new spare, each in its own group under a guard
+    fake_daemon.stop(signal.SIGKILL)
+    assert not wait_until_gone(groups, 15)
+
+
+def test_pool_size_zero_starts_nothing(fake_daemon: Daemon) -> None:
+    fake_daemon.env |= {"VLLAMA_POOL_SIZE": "0", "VLLAMA_POOL_MODULES": FAKE}
+    fake_daemon.write_models({"A": {"gpu_memory_gib": 2}})
+    fake_daemon.start()
+    time.sleep(0.5)
+    assert fake_daemon.child_groups() == set()
+    r = httpx.get(f"{fake_daemon.url}/vllama/info", timeout=10).json()["warm_pool"]
+    assert r["size"] == 0 and r["spares"] == []
+
+
+async def test_a_cancelled_start_leaves_the_importing_spare_in_the_pool(pool: WarmPool, tmp_path: Path) -> None:
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(1.5)\n")
+    cmd = [PY, "-m", "slowmod"]
+    base = launch(tmp_path)
+    env = {**base.env, "PYTHONPATH": str(tmp_path)}
+    spec = eng.LaunchSpec(argv=[*cmd, "--model", "x"], env=env, port=base.port, log_path=base.log_path)
+    pool.want(cmd, env)
+    await pool.fill()
+    task = asyncio.get_running_loop().create_task(pool.spawn(spec, prefix=cmd, stop_grace=3))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    info = await wait_ready_spare(pool)  # not leaked, not killed: still the pool's
+    assert len(pool.snapshot()["spares"]) == 1
+    engine = await pool.spawn(spec, prefix=cmd, stop_grace=3)
+    assert pool.how_started(engine) == "warm pool" and engine.server_pid() == info["pid"]
+    assert await asyncio.wait_for(engine.process.wait(), 30) == 0

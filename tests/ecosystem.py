@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import FAKE_ENGINE, Daemon, base_env, free_port, wait_until_gone
+from tests.conftest import Daemon, new_fake_daemon, wait_until_gone
 
 GIB = 1024**3
 
@@ -17,21 +17,7 @@ GIB = 1024**3
 def running_daemon(root: Path, models: dict[str, Any], **env: str) -> Iterator[Daemon]:
     """A started daemon over fake engines on one simulated 8 GiB GPU (like conftest's `fake_daemon`), for a
     module-scoped fixture; stopped afterwards, checking that no child is left."""
-    home, ledger = root / "home", root / "ledger"
-    home.mkdir()
-    ledger.mkdir()
-    settings = {
-        "VLLAMA_GPU_PROBE": "fake",
-        "VLLAMA_FAKE_GPU_LEDGER": str(ledger),
-        "VLLAMA_FAKE_GPU_TOTAL_GIB": "8",
-        "VLLAMA_VLLM_COMMAND": " ".join(FAKE_ENGINE),
-        "VLLAMA_SLEEP_RESIDUAL_GIB": "0.5",
-        "FAKE_ENGINE_CONTEXT_GIB": "0.5",
-        "FAKE_ENGINE_STARTUP_S": "0.3",
-        "VLLAMA_STOP_TIMEOUT": "5",
-        **env,
-    }
-    daemon = Daemon(home=home, port=free_port(), env=base_env(home, **settings))
+    daemon = new_fake_daemon(root, **env)
     daemon.write_models(models)
     daemon.start()
     try:

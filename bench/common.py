@@ -4,13 +4,42 @@ Only the standard library, httpx and vllama itself: these run on the GPU machine
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+
+class StepReport:
+    """A benchmark's report, rewritten to OUT/<stem>.json and OUT/<stem>.md after every step, so a run cut short
+    still reports what it did."""
+
+    def __init__(self, out: Path, stem: str, title: str, **header: Any) -> None:
+        self.out = out
+        self.stem = stem
+        self.report: dict[str, Any] = {**header, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
+        self.md: list[str] = [title, ""]
+
+    def log(self, line: str) -> None:
+        print(line, flush=True)
+        self.md.append(line)
+        self.flush()
+
+    def record(self, name: str, **data: Any) -> None:
+        entry = {"step": name, "t": round(time.time(), 3), **data}
+        self.report["steps"].append(entry)
+        print(json.dumps(entry), flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{self.stem}.json").write_text(json.dumps(self.report, indent=2))
+        (self.out / f"{self.stem}.md").write_text("\n".join(self.md) + "\n")
 
 
 def exit_on_sigterm() -> None:

@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import exit_on_sigterm, start_daemon  # noqa: E402
+from bench.common import StepReport, exit_on_sigterm, start_daemon  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 # make_models.py's shapes on SmolLM2's config (for --fake: config.json and a sparse weights file of the real size)
@@ -76,19 +76,19 @@ def make_fake_models(root: Path, spec: str) -> list[str]:
     return names
 
 
-class Run:
+class Run(StepReport):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(
+            args.out, f"packing-{args.phase}", f"# vllama GPU packing: phase `{args.phase}`", phase=args.phase
+        )
         self.args = args
         self.phase = args.phase
-        self.out: Path = args.out
         self.tmp = Path(tempfile.mkdtemp(prefix="vllama-packing-"))
         self.home = self.tmp / "home"
         self.home.mkdir()
         self.port = 33258
         self.url = f"http://127.0.0.1:{self.port}"
         self.daemon: subprocess.Popen[bytes] | None = None
-        self.report: dict[str, Any] = {"phase": self.phase, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
-        self.md: list[str] = [f"# vllama GPU packing: phase `{self.phase}`", ""]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("VLLAMA_") or k == "VLLAMA_GPU_BUNDLE_ARGS"}
         self.env.update(
             {
@@ -125,24 +125,6 @@ class Run:
                 raise SystemExit(f"no models in {self.models_dir} (make them with make_models.py)")
             self.env["VLLAMA_GPU_PROBE"] = "nvml"
         self.vllm_args = [*shlex.split(os.environ.get("VLLAMA_GPU_BUNDLE_ARGS", "")), *shlex.split(args.extra_args)]
-
-    # --- reporting ----------------------------------------------------------------------------------------
-
-    def log(self, line: str) -> None:
-        print(line, flush=True)
-        self.md.append(line)
-        self.flush()
-
-    def record(self, name: str, **data: Any) -> None:
-        entry = {"step": name, "t": round(time.time(), 3), **data}
-        self.report["steps"].append(entry)
-        print(json.dumps(entry), flush=True)
-        self.flush()
-
-    def flush(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"packing-{self.phase}.json").write_text(json.dumps(self.report, indent=2))
-        (self.out / f"packing-{self.phase}.md").write_text("\n".join(self.md) + "\n")
 
     # --- the daemon ---------------------------------------------------------------------------------------
 

@@ -31,21 +31,19 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import exit_on_sigterm, first_token, start_daemon, wait_healthy  # noqa: E402
+from bench.common import StepReport, exit_on_sigterm, first_token, start_daemon, wait_healthy  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 MODELS = ("A", "B", "C")
 UTILIZATION = 0.4  # two of the three fit on one GPU, three do not
 
 
-class Run:
+class Run(StepReport):
     def __init__(self, phase: str, out: Path, fake: bool, models_dir: Path) -> None:
+        super().__init__(out, phase, f"# vllama GPU run: phase `{phase}`", phase=phase)
         self.phase = phase
-        self.out = out
         self.fake = fake
         self.models_dir = models_dir
-        self.report: dict[str, Any] = {"phase": phase, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": []}
-        self.md: list[str] = [f"# vllama GPU run: phase `{phase}`", ""]
         self.tmp = Path(tempfile.mkdtemp(prefix="vllama-gpu-"))
         self.home = self.tmp / "home"
         self.home.mkdir()
@@ -72,23 +70,6 @@ class Run:
                 }
             )
         self.vllm_args = [*os.environ.get("VLLAMA_GPU_BUNDLE_ARGS", "").split(), "--enforce-eager"]
-
-    # --- reporting ----------------------------------------------------------------------------------------
-
-    def log(self, line: str) -> None:
-        print(line, flush=True)
-        self.md.append(line)
-        self.flush()
-
-    def record(self, name: str, **data: Any) -> None:
-        entry = {"step": name, "t": round(time.time(), 3), **data}
-        self.report["steps"].append(entry)
-        print(json.dumps(entry), flush=True)
-        self.flush()
-
-    def flush(self) -> None:
-        (self.out / f"{self.phase}.json").write_text(json.dumps(self.report, indent=2))
-        (self.out / f"{self.phase}.md").write_text("\n".join(self.md) + "\n")
 
     # --- daemon -------------------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ import psutil
 import pytest
 import yaml
 
+from vllama.testing.soak import processes_in_groups
+
 FAKE_ENGINE = [sys.executable, "-m", "vllama.testing.fake_engine"]
 
 
@@ -109,15 +111,6 @@ class Daemon:
         return subprocess.run(
             [sys.executable, "-m", "vllama", *args], env=env, capture_output=True, text=True, timeout=timeout
         )
-
-
-def processes_in_groups(groups: set[int]) -> list[int]:
-    alive = []
-    for p in psutil.process_iter(["pid", "status"]):
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(p.info["pid"]) in groups:
-                alive.append(p.info["pid"])
-    return alive
 
 
 def wait_until_gone(groups: set[int], timeout: float = 30.0) -> list[int]:

@@ -351,7 +351,7 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
                 result.daemon_exit = daemon.proc.wait()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                result.leftover_processes = _alive_in(groups)
+                result.leftover_processes = processes_in_groups(groups)
                 if not result.leftover_processes:
                     break
                 time.sleep(0.2)
@@ -360,7 +360,8 @@ def run_soak(cfg: SoakConfig) -> SoakResult:
     return result
 
 
-def _alive_in(groups: set[int]) -> list[int]:
+def processes_in_groups(groups: set[int]) -> list[int]:
+    """Live (non-zombie) processes whose process group is one of `groups`."""
     alive = []
     for p in psutil.process_iter(["pid", "status"]):
         with contextlib.suppress(psutil.Error, OSError):

@@ -411,6 +411,13 @@ class Settings:
     # what a sleeping vLLM still holds per device (its CUDA context) until measured: 0.8–1.4 GB on an H100
     sleep_residual_gib: float = 1.0
     keep_alive_interval: float = 5.0  # how often idle models are checked against their keep-alive ladder
+    # a sleep or wake that takes longer is abandoned: the child is killed and the model goes to error
+    transition_timeout: float = 300.0
+    # how long the relay waits for the first byte of vLLM's answer; then a failing health check means the
+    # child hangs (it is killed and started afresh) and the client gets a 504
+    response_timeout: float = 600.0
+    # host memory for level-1 sleepers' weights (default: 80% of MemAvailable when vllama starts)
+    host_memory_gib: float | None = None
     keep_alive: KeepAlive = field(default_factory=KeepAlive)
     max_body_bytes: int = 32 * 1024 * 1024
     # optional keys (see vllama/auth.py): the API key guards every route but /health (and the admin routes unless
@@ -473,6 +480,9 @@ class Settings:
             "shutdown_grace",
             "sleep_residual_gib",
             "keep_alive_interval",
+            "transition_timeout",
+            "response_timeout",
+            "host_memory_gib",
         ):
             parsed[name] = _env_value(f"VLLAMA_{name.upper()}", float)
         for key, value in [*parsed.items(), *overrides.items()]:

@@ -317,6 +317,14 @@ async def terminate(engine: EngineProcess, grace: float) -> int | None:
     return engine.process.returncode
 
 
+async def engine_exited(engine: EngineProcess, within: float) -> bool:
+    """Whether the child has exited, waiting up to `within` seconds for its guard to notice."""
+    if not engine.exited:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(engine.process.wait()), within)
+    return engine.exited
+
+
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)

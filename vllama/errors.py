@@ -69,6 +69,14 @@ class UpstreamError(VllamaError):
     code = "upstream_error"
 
 
+class UpstreamTimeout(VllamaError):
+    """The model's vLLM process did not start answering within `VLLAMA_RESPONSE_TIMEOUT`."""
+
+    status_code = 504
+    error_type = "upstream_timeout"
+    code = "upstream_timeout"
+
+
 class ModelUnavailable(VllamaError):
     """The model could not be made ready: failed start, wake failure, timeout, no memory."""
 

@@ -1,34 +1,45 @@
-"""One owner per model: the lifecycle state machine of one vLLM instance.
+"""One owner per model: the lifecycle of one vLLM instance, run by one task.
 
-    stopped ──start──▶ starting ──ready──▶ running ──sleep──▶ draining ──▶ sleeping(L1/L2)
-       ▲                  │                  ▲  │                              │
-       │               failed                └──┴──────── waking ◀──wake───────┘
-       │                  ▼                     │
-       └──── stopping ◀── error ◀── child died ─┘ (any state ─stop─▶ draining ─▶ stopping ─▶ stopped)
+    stopped ──bring up──▶ starting ──ready──▶ running ──evict/sleep──▶ draining ──▶ sleeping(L1/L2)
+       ▲                     │                  ▲  │                                 │  │
+       │                  failed                └──┴────────── waking ◀──bring up───┘  │ deepen (L1 → L2:
+       │                     ▼                     │                                    │  wake, sleep L2)
+       └──── stopping ◀── error ◀── child died ────┘   (any state ─stop─▶ draining ─▶ stopping ─▶ stopped)
 
 Invariants:
-- Only this class changes `state`. Every lifecycle operation runs with `lock` held (the caller takes it), so
-  operations on one model never interleave.
-- `in_flight` only grows while the state is RUNNING, checked and incremented without an await in between
-  (`try_acquire`). Sleep and stop first leave RUNNING (→ draining), then wait for `in_flight == 0`: no
-  request is ever admitted to an instance that is going to sleep or stopping.
-- Memory is reserved from the moment a start or wake is decided (`reserve_start`, `begin_wake`), not from
-  when vLLM allocates it (≈ a minute later): placement decisions count reservations.
+- Only the owner task (`_run`) changes `state`, `engine`, `devices` and the other lifecycle fields. Everyone
+  else — requests, the keep-alive, other models' placements, admin calls, the child watcher, the relay —
+  sends a command and awaits its answer. Commands are served one at a time, in order.
+- Commands from other models (`try_evict`, `try_deepen`) are answered "not now" at once when the owner is
+  busy, has commands queued, has requests in flight or is not in a state they apply to: nobody ever waits for
+  a model that is itself waiting. An accepted one is the next command served, and serving it never waits on
+  another model, so there is no cycle of waits.
+- `in_flight` only grows while the state is RUNNING with a live child, checked and incremented without an
+  await in between (`try_acquire`). Sleep and stop first leave RUNNING (→ draining), then wait for
+  `in_flight == 0` (or the child's death): no request is admitted to an instance going to sleep or stopping.
+- Every command ends in a defined state, on every exception and on cancellation: what failed kills the child
+  and leaves ERROR with the reason (the next request starts afresh); a refusal leaves the state as it was.
+- Memory is reserved from the moment a start or wake is decided (by `Host.make_room`), not from when vLLM
+  allocates it: placement decisions count reservations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import aiohttp
+from typing import Any, Literal, Protocol
 
 from vllama import engine as eng
 from vllama.config import KeepAlive, ModelConfig
-from vllama.errors import ModelUnavailable
+from vllama.errors import Conflict, ModelUnavailable, VllamaError
+
+log = logging.getLogger("vllama")
 
 
 class State(str, enum.Enum):
@@ -46,19 +57,84 @@ class State(str, enum.Enum):
 HOLDS_FULL_MEMORY = {State.STARTING, State.RUNNING, State.DRAINING, State.WAKING, State.STOPPING}
 
 
+class Outcome(str, enum.Enum):
+    """The answer to a command from another model or the keep-alive."""
+
+    DONE = "done"
+    NOT_NOW = "not now"  # busy, in use or not in a state the command applies to: nothing was changed
+    FAILED = "failed"  # tried and failed: the child was killed and the instance is in ERROR
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Where a start or wake goes and what it holds there, decided by placement."""
+
+    devices: tuple[int, ...]
+    need: int  # bytes on each device while awake
+    utilization: float | None  # the fraction given to vLLM (None on the CPU build)
+
+
+class Host(Protocol):
+    """What an owner needs from the rest of vllama: room on the devices, and the engine operations (a seam
+    that tests replace with a stub)."""
+
+    async def make_room(self, inst: Instance, waking: bool) -> Reservation:
+        """Evict until `inst` fits (or raise NoCapacity); the reservation is taken at return."""
+        ...
+
+    def room_without_eviction(self, inst: Instance) -> Reservation | None: ...
+
+    async def start_engine(self, inst: Instance, on_spawn: Callable[[eng.EngineProcess], None]) -> eng.EngineProcess:
+        """Spawn vLLM for `inst` (its reservation is set) and wait until it answers; EngineError on failure."""
+        ...
+
+    async def sleep_engine(self, engine: eng.EngineProcess, level: int) -> int:
+        """Put vLLM to sleep; answers the bytes per device it still holds (measured; 0 if unknown)."""
+        ...
+
+    async def wake_engine(self, engine: eng.EngineProcess, level: int, served_name: str) -> None: ...
+
+    async def stop_engine(self, engine: eng.EngineProcess) -> None: ...
+
+    async def engine_alive(self, engine: eng.EngineProcess) -> bool: ...
+
+    def host_bytes_at_l1(self, inst: Instance) -> int:
+        """Host memory the weights take once asleep at level 1."""
+        ...
+
+    def observe(self, inst: Instance, operation: str, seconds: float, ok: bool) -> None: ...
+
+    def changed(self) -> None:
+        """Something that may free memory or end a wait happened."""
+        ...
+
+
+CommandKind = Literal["bring_up", "evict", "deepen", "sleep", "stop", "child_died", "check_hung"]
+
+
+@dataclass
+class Command:
+    kind: CommandKind
+    level: int = 0  # evict/sleep: 1 or 2 = sleep at that level, 3 = stop
+    drain_timeout: float = 0.0
+    engine: eng.EngineProcess | None = None  # child_died / check_hung: which child the news is about
+    attempts_seen: int = 0  # bring_up: failed attempts when sent (an attempt that failed since is shared)
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class Instance:
     def __init__(
         self,
         name: str,
         cfg: ModelConfig,
         *,
-        http: aiohttp.ClientSession,
-        on_change: Callable[[], None],
+        host: Host,
+        transition_timeout: float = 300.0,
+        stop_grace: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.cfg = cfg
-        self.lock = asyncio.Lock()
         self.state = State.STOPPED
         self.sleep_level = 0  # 1 or 2 while sleeping
         self.engine: eng.EngineProcess | None = None
@@ -66,6 +142,7 @@ class Instance:
         self.need = 0  # bytes on each device while awake
         self.gpu_memory_utilization: float | None = None
         self.asleep_held = 0  # bytes per device still held while asleep (measured after a sleep)
+        self.host_held = 0  # bytes of host memory held while asleep at level 1 (the weights)
         self.in_flight = 0
         self.last_used = clock()
         self.last_used_wall = time.time()
@@ -77,18 +154,24 @@ class Instance:
         self.failed_attempts = 0  # count of failed starts/wakes: waiters on a failed attempt share its error
         self.ready_at: float | None = None
         self.startup_seconds: float | None = None
-        self._http = http
-        self._on_change = on_change
+        self.transition_timeout = transition_timeout
+        self.stop_grace = stop_grace
+        self._host = host
         self._clock = clock
         self._idle = asyncio.Event()
         self._idle.set()
+        self._queue: asyncio.Queue[Command] = asyncio.Queue()
+        self._serving = False  # a command is being served
         self._watcher: asyncio.Task[None] | None = None  # notices a child that dies by itself
+        self._watched: eng.EngineProcess | None = None
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"owner:{name}")
 
-    # --- requests ------------------------------------------------------------------------------------------
+    # --- requests (no await: the check and the increment are atomic) ----------------------------------------
 
     def try_acquire(self) -> bool:
-        """Admit one request if running (no await: the check and the increment are atomic)."""
-        if self.state is not State.RUNNING:
+        """Admit one request if running with a live child."""
+        engine = self.engine
+        if self.state is not State.RUNNING or engine is None or engine.exited:
             return False
         self.in_flight += 1
         self._idle.clear()
@@ -100,199 +183,373 @@ class Instance:
         self.touch()
         if self.in_flight == 0:
             self._idle.set()
-            self._on_change()
+            self._host.changed()
 
     def touch(self) -> None:
         self.last_used = self._clock()
         self.last_used_wall = time.time()
 
-    async def _drain(self, timeout: float) -> bool:
-        if self.in_flight == 0:
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+    @property
+    def busy(self) -> bool:
+        """Serving a command or with commands waiting: others' commands would have to wait."""
+        return self._serving or not self._queue.empty()
 
-    # --- transitions (caller holds self.lock) --------------------------------------------------------------
+    # --- commands (what everyone else calls) ---------------------------------------------------------------
+
+    async def bring_up(self) -> None:
+        """Start or wake, making room first; ModelUnavailable (NoCapacity) if that fails."""
+        await self._send(Command("bring_up", attempts_seen=self.failed_attempts))
+
+    async def stop(self, drain_timeout: float) -> bool:
+        """Stop after in-flight requests finish; False if they did not in time (then it keeps running)."""
+        result: bool = await self._send(Command("stop", level=3, drain_timeout=drain_timeout))
+        return result
+
+    async def sleep(self, level: int, drain_timeout: float) -> bool:
+        """Sleep at level 1 or 2 after in-flight requests finish; False if they did not in time. Conflict if
+        the instance is not running (or asleep at another level)."""
+        result: bool = await self._send(Command("sleep", level=level, drain_timeout=drain_timeout))
+        return result
+
+    async def try_evict(self, level: int) -> Outcome:
+        """For placement and the keep-alive: sleep at `level` (1, 2) or stop (3), only if idle right now."""
+        if self.busy or self.in_flight or self.state not in (State.RUNNING, State.SLEEPING):
+            return Outcome.NOT_NOW
+        result: Outcome = await self._send(Command("evict", level=level))
+        return result
+
+    async def try_deepen(self) -> Outcome:
+        """For the keep-alive and the host budget: from sleep level 1 to 2 (frees the weights' host memory)."""
+        if self.busy or self.state is not State.SLEEPING or self.sleep_level != 1:
+            return Outcome.NOT_NOW
+        result: Outcome = await self._send(Command("deepen", level=2))
+        return result
+
+    def child_died(self, engine: eng.EngineProcess) -> None:
+        """News that `engine` exited (the watcher, or the relay that could not reach it). Not awaited: the
+        owner records it before serving any later command (a request's bring-up included)."""
+        self._queue.put_nowait(Command("child_died", engine=engine))
+
+    async def check_hung(self, engine: eng.EngineProcess) -> bool:
+        """For the relay, after a request got no answer in time: True if the child stopped answering its health
+        check too (it was then killed and will start afresh on the next request)."""
+        result: bool = await self._send(Command("check_hung", engine=engine))
+        return result
+
+    async def close(self) -> None:
+        """End the owner (vllama shuts down) and stop the child, whatever the owner was doing."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._watcher is not None:
+            self._watcher.cancel()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await self._host.stop_engine(engine)
+        self._set(State.STOPPED)
+
+    async def _send(self, command: Command) -> Any:
+        if self._task.done():
+            raise ModelUnavailable(f"{self.name}: vllama is shutting down")
+        self._queue.put_nowait(command)
+        # shielded: a caller that gives up (a client that left) does not cancel the owner's work
+        return await asyncio.shield(command.future)
+
+    # --- the owner task ------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            command = await self._queue.get()
+            self._serving = True
+            try:
+                result = await self._serve(command)
+            except asyncio.CancelledError:
+                if not command.future.done():
+                    command.future.set_exception(ModelUnavailable(f"{self.name}: vllama is shutting down"))
+                raise
+            except VllamaError as exc:
+                if not command.future.done():
+                    command.future.set_exception(exc)
+            except Exception as exc:  # a bug or an unexpected answer: never leave the model mid-transition
+                log.exception("%s: %s failed unexpectedly", self.name, command.kind)
+                await self._fail(f"{self.name}: {command.kind} failed unexpectedly: {exc!r}")
+                if not command.future.done():
+                    command.future.set_exception(ModelUnavailable(self.last_error or str(exc)))
+            else:
+                if not command.future.done():
+                    command.future.set_result(result)
+            finally:
+                self._serving = False
+                self._host.changed()
+
+    async def _serve(self, c: Command) -> Any:
+        if c.kind == "bring_up":
+            return await self._bring_up(c.attempts_seen)
+        if c.kind == "evict":
+            return await self._evict(c.level)
+        if c.kind == "deepen":
+            return await self._deepen()
+        if c.kind == "sleep":
+            return await self._admin_sleep(c.level, c.drain_timeout)
+        if c.kind == "stop":
+            return await self._stop(c.drain_timeout)
+        if c.kind == "child_died":
+            return self._record_exit(c.engine)
+        if c.kind == "check_hung":
+            return await self._check_hung(c.engine)
+        raise ValueError(f"unknown command {c.kind!r}")
+
+    # --- transitions (only ever run by the owner task) -----------------------------------------------------
 
     def _set(self, state: State) -> None:
         self.state = state
-        self._on_change()
+        self._host.changed()
 
-    def reserve_start(self, devices: tuple[int, ...], need: int, utilization: float | None) -> None:
-        assert self.lock.locked() and self.state in (State.STOPPED, State.ERROR), self.state
-        self.devices, self.need, self.gpu_memory_utilization = devices, need, utilization
+    async def _bring_up(self, attempts_seen: int) -> None:
+        if self.state is State.RUNNING and self.engine is not None and not self.engine.exited:
+            return
+        if self.state is State.ERROR and self.failed_attempts != attempts_seen and self.last_error:
+            # the attempt this caller waited for failed: share its error instead of retrying once per waiter
+            raise ModelUnavailable(self.last_error)
+        if self.state is State.SLEEPING and self.engine is not None:
+            await self._wake()
+            return
+        if self.state not in (State.STOPPED, State.ERROR):
+            raise ModelUnavailable(f"{self.name} is {self.state.value}")
+        await self._start()
+
+    async def _start(self) -> None:
+        reservation = await self._host.make_room(self, waking=False)
+        # no await between the plan and this: the reservation is counted by the next plan
+        self.devices, self.need = reservation.devices, reservation.need
+        self.gpu_memory_utilization = reservation.utilization
         self.last_error = None
         self._set(State.STARTING)
-
-    def abort_start(self, message: str) -> None:
-        """A reserved start that could not even be spawned (no free port)."""
-        assert self.lock.locked() and self.state is State.STARTING
-        self.failed_attempts += 1
-        self.last_error = message
-        self._set(State.ERROR)
-
-    async def launch(
-        self,
-        spec: eng.LaunchSpec,
-        *,
-        startup_timeout: float,
-        stop_grace: float,
-        respawn: Callable[[eng.LaunchSpec], eng.LaunchSpec | None] | None = None,
-        spawner: Callable[[eng.LaunchSpec, float], Awaitable[eng.EngineProcess]] | None = None,
-    ) -> None:
-        """Spawn vLLM and wait until it answers. A child whose port was taken by another process (after it was
-        picked) is started again with the spec `respawn` gives (another port; None: give up), still STARTING:
-        the memory stays reserved. On failure: kill the group, state ERROR, raise."""
-        assert self.lock.locked() and self.state is State.STARTING
         t0 = self._clock()
-        deadline = t0 + startup_timeout
         engine: eng.EngineProcess | None = None
+
+        def on_spawn(spawned: eng.EngineProcess) -> None:
+            nonlocal engine
+            engine = spawned
+            self.engine, self.last_log = spawned, spawned.spec.log_path
+
         try:
-            while True:
-                self.last_log = spec.log_path
-                # the warm pool's spawner may hand the start to a pre-imported interpreter (vllama/pool.py)
-                engine = await (spawner(spec, stop_grace) if spawner else eng.spawn(spec, stop_grace=stop_grace))
-                self.engine = engine
-                try:
-                    await eng.wait_ready(engine, self._http, max(deadline - self._clock(), 0.0))
-                    break
-                except eng.PortInUse as exc:
-                    self.engine = None
-                    await eng.terminate(engine, stop_grace)
-                    engine = None
-                    retry = respawn(spec) if respawn is not None else None
-                    if retry is None:
-                        raise eng.EngineError(f"{exc} (log: {spec.log_path})") from None
-                    spec = retry
-            assert engine is not None
-            await eng.warm_up(engine, self._http, self.name)
-            if engine.exited:
-                raise eng.EngineError(
-                    f"vLLM exited with code {engine.process.returncode} right after it became ready: "
-                    f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
-                )
-        except (eng.EngineError, OSError) as exc:
-            await self._fail(f"{self.name} failed to start: {exc}", engine, stop_grace)
-        except BaseException:
-            await self._fail(f"{self.name}: start was cancelled", engine, stop_grace)
+            engine = await self._host.start_engine(self, on_spawn)
+        except BaseException as exc:
+            ok = isinstance(exc, eng.EngineError | OSError)
+            message = f"{self.name} failed to start: {exc}" if ok else f"{self.name}: start interrupted ({exc!r})"
+            self._host.observe(self, "start", self._clock() - t0, False)
+            await self._fail(message, engine)
+            if isinstance(exc, Exception):
+                raise ModelUnavailable(message) from None
             raise
-        # watched from here on (no await before RUNNING): until now the start itself noticed an exit
-        assert engine is not None
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(engine))
+        self._host.observe(self, "start", self._clock() - t0, True)
         self.startup_seconds = self._clock() - t0
+        log.info("%s ready in %.1f s", self.name, self.startup_seconds)
+        self._become_running(engine)
+
+    async def _wake(self) -> None:
+        reservation = await self._host.make_room(self, waking=True)
+        self.need = reservation.need
+        engine = self.engine
+        if engine is None or engine.exited:  # died while asleep and waiting for room (its news is queued)
+            self._record_exit(engine)
+            raise ModelUnavailable(self.last_error or f"{self.name} died while asleep")
+        level = self.sleep_level
+        self._set(State.WAKING)
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(self.transition_timeout):
+                await self._host.wake_engine(engine, level, self.name)
+        except BaseException as exc:
+            self._host.observe(self, "wake", self._clock() - t0, False)
+            message = (
+                f"{self.name} failed to wake from sleep level {level}: {_describe(exc, self.transition_timeout)}; "
+                f"the instance was stopped and will start fresh on the next request (log: {engine.spec.log_path})"
+            )
+            await self._fail(message, engine)
+            if isinstance(exc, Exception):
+                raise ModelUnavailable(message) from None
+            raise
+        self._host.observe(self, "wake", self._clock() - t0, True)
+        self.host_held = 0
+        self._become_running(engine)
+
+    def _become_running(self, engine: eng.EngineProcess) -> None:
+        if self._watched is not engine:  # a new child (a wake keeps the child and its watcher)
+            if self._watcher is not None:
+                self._watcher.cancel()
+            self._watched = engine
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(engine))
+        self.engine = engine
         self.ready_at = self._clock()
         self.sleep_level = 0
         self.touch()
         self._set(State.RUNNING)
 
-    async def _fail(self, message: str, engine: eng.EngineProcess | None, stop_grace: float) -> None:
-        self.engine = None
-        self.failed_attempts += 1
-        self.last_error = message
-        self._set(State.ERROR)
-        if engine is not None:
-            await eng.terminate(engine, stop_grace)
-        raise ModelUnavailable(message)
-
-    def begin_wake(self) -> None:
-        assert self.lock.locked() and self.state is State.SLEEPING
-        self._set(State.WAKING)
-
-    async def finish_wake(self, stop_grace: float) -> None:
-        """Wake (level-2 aware). A failed wake leaves vLLM broken for good: kill it, state ERROR."""
-        assert self.lock.locked() and self.state is State.WAKING and self.engine is not None
+    async def _drain(self, timeout: float) -> bool:
+        """Wait for in-flight requests to finish (or the child to die: nothing will finish then)."""
+        if self.in_flight == 0:
+            return True
         engine = self.engine
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._idle.wait())]
+        if engine is not None:
+            waits.append(asyncio.ensure_future(engine.process.wait()))
         try:
-            await eng.wake(engine, self._http, self.sleep_level)
-            await eng.warm_up(engine, self._http, self.name)
-        except (eng.EngineError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            await self._fail(
-                f"{self.name} failed to wake from sleep level {self.sleep_level}: {exc}; the instance was "
-                f"stopped and will start fresh on the next request (log: {engine.spec.log_path})",
-                engine,
-                stop_grace,
-            )
-        self.sleep_level = 0
-        self.touch()
-        self._set(State.RUNNING)
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self.in_flight == 0 or engine is None or engine.exited
 
-    async def sleep(self, level: int, *, drain_timeout: float) -> bool:
-        """RUNNING → SLEEPING at level 1 or 2, after in-flight requests finish. False if they did not finish
-        in time (the instance stays running)."""
-        assert self.lock.locked() and level in (1, 2)
-        if self.state is not State.RUNNING or self.engine is None:
-            return self.state is State.SLEEPING
+    async def _evict(self, level: int) -> Outcome:
+        if self.in_flight or self.state not in (State.RUNNING, State.SLEEPING):
+            return Outcome.NOT_NOW
+        if level == 3 or self.state is State.SLEEPING:
+            if self.state is State.SLEEPING and level != 3:
+                return Outcome.NOT_NOW  # already asleep: only a stop frees more (deepening is its own command)
+            await self._stop(0.0)
+            return Outcome.DONE
+        return await self._sleep(level, 0.0)
+
+    async def _admin_sleep(self, level: int, drain_timeout: float) -> bool:
+        if self.state is State.SLEEPING and self.sleep_level == level:
+            return True
+        if self.state is State.SLEEPING:
+            raise Conflict(f"{self.name} is asleep at level {self.sleep_level}; wake it first (vllama start)")
+        if self.state is not State.RUNNING:
+            raise Conflict(f"{self.name} is {self.state.value}, not running: nothing to put to sleep")
+        outcome = await self._sleep(level, drain_timeout)
+        if outcome is Outcome.FAILED:
+            raise ModelUnavailable(self.last_error or f"{self.name} failed to sleep")
+        return outcome is Outcome.DONE
+
+    async def _sleep(self, level: int, drain_timeout: float) -> Outcome:
+        """RUNNING → SLEEPING at `level` once idle. NOT_NOW if requests did not finish in time (RUNNING again),
+        FAILED if the sleep failed (ERROR, the child killed)."""
+        engine = self.engine
+        if engine is None:
+            return Outcome.NOT_NOW
         self._set(State.DRAINING)
         if not await self._drain(drain_timeout):
             self._set(State.RUNNING)
-            return False
-        engine = self.engine
+            return Outcome.NOT_NOW
+        host_bytes = self._host.host_bytes_at_l1(self) if level == 1 else 0
+        t0 = self._clock()
         try:
-            await eng.sleep(engine, self._http, level)
-        except (eng.EngineError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self.transition_timeout):
+                still_held = await self._host.sleep_engine(engine, level)
+        except BaseException as exc:
+            self._host.observe(self, "sleep", self._clock() - t0, False)
             # an engine that cannot sleep is in an unknown state: stop it rather than guess
-            self.last_error = f"{self.name} failed to sleep at level {level}: {exc} (log: {engine.spec.log_path})"
-            await self._stop_engine(engine)
-            self.failed_attempts += 1
-            self._set(State.ERROR)
-            return True
-        self.sleep_level = level
+            await self._fail(
+                f"{self.name} failed to sleep at level {level}: {_describe(exc, self.transition_timeout)}; it was "
+                f"stopped (log: {engine.spec.log_path})",
+                engine,
+            )
+            if isinstance(exc, Exception):
+                return Outcome.FAILED
+            raise
+        self._host.observe(self, "sleep", self._clock() - t0, True)
+        self.sleep_level, self.host_held = level, host_bytes
+        self.asleep_held = still_held or self.asleep_held
         self._set(State.SLEEPING)
-        return True
+        return Outcome.DONE
 
-    async def stop(self, *, drain_timeout: float, stop_grace: float) -> bool:
+    async def _deepen(self) -> Outcome:
+        """Level 1 → 2: vLLM cannot drop the weights' host copy while asleep, so wake (if that fits without
+        evicting anyone) and sleep at level 2 at once. The state stays WAKING throughout: no request gets in."""
+        engine = self.engine
+        if self.state is not State.SLEEPING or self.sleep_level != 1 or engine is None:
+            return Outcome.NOT_NOW
+        reservation = self._host.room_without_eviction(self)
+        if reservation is None:
+            return Outcome.NOT_NOW
+        self.need = reservation.need
+        self._set(State.WAKING)
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(self.transition_timeout):
+                await self._host.wake_engine(engine, 1, "")
+                await self._host.sleep_engine(engine, 2)
+        except BaseException as exc:
+            self._host.observe(self, "sleep", self._clock() - t0, False)
+            await self._fail(
+                f"{self.name} failed to go from sleep level 1 to 2: {_describe(exc, self.transition_timeout)}; it "
+                f"was stopped (log: {engine.spec.log_path})",
+                engine,
+            )
+            if isinstance(exc, Exception):
+                return Outcome.FAILED
+            raise
+        self._host.observe(self, "sleep", self._clock() - t0, True)
+        self.sleep_level, self.host_held = 2, 0
+        self._set(State.SLEEPING)
+        return Outcome.DONE
+
+    async def _stop(self, drain_timeout: float) -> bool:
         """Any state → STOPPED, after in-flight requests finish (False if they did not, in time)."""
-        assert self.lock.locked()
         if self.state is State.RUNNING:
             self._set(State.DRAINING)
             if not await self._drain(drain_timeout):
                 self._set(State.RUNNING)
                 return False
-        engine = self.engine
+        engine, self.engine = self.engine, None
         if engine is not None:
             self._set(State.STOPPING)
-            await self._stop_engine(engine, stop_grace)
-        self.sleep_level = 0
+            t0 = self._clock()
+            try:
+                await self._host.stop_engine(engine)
+            finally:
+                self._host.observe(self, "stop", self._clock() - t0, True)
+        self.sleep_level, self.host_held = 0, 0
         self.last_error = None
+        self.keep_alive_override = None
         self._set(State.STOPPED)
         return True
 
-    async def _stop_engine(self, engine: eng.EngineProcess, stop_grace: float = 10.0) -> None:
+    async def _fail(self, message: str, engine: eng.EngineProcess | None = None) -> None:
+        """Whatever went wrong: kill the child (shielded from a cancellation), ERROR with the reason."""
+        engine = engine or self.engine
         self.engine = None
-        await eng.terminate(engine, stop_grace)
+        self.failed_attempts += 1
+        self.last_error = message
+        self.sleep_level, self.host_held = 0, 0
+        self._set(State.ERROR)
+        log.error("%s", message)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._host.stop_engine(engine))
 
-    async def _watch(self, engine: eng.EngineProcess) -> None:
-        """Notice a child that dies by itself (crash, OOM kill) and record it."""
-        self._record_exit(engine, await engine.process.wait())
-
-    async def child_died(self, engine: eng.EngineProcess, within: float = 2.0) -> bool:
-        """For the relay, after a request could not even reach `engine` (connection refused, or reset before any
-        answer): True if the child is gone — its exit is then recorded at once, as the watcher would, so a fresh
-        `Manager.acquire` starts it again and the request can be sent there instead of failing with a 502;
-        False if it still runs (then the error is real). Waits up to `within` for the guard to notice."""
-        if not engine.exited:
-            try:
-                await asyncio.wait_for(asyncio.shield(engine.process.wait()), within)
-            except asyncio.TimeoutError:
-                return False
-        assert engine.process.returncode is not None
-        self._record_exit(engine, engine.process.returncode)
+    async def _check_hung(self, engine: eng.EngineProcess | None) -> bool:
+        if engine is None or engine is not self.engine or self.state not in (State.RUNNING, State.DRAINING):
+            return False
+        if await self._host.engine_alive(engine):
+            return False
+        await self._fail(
+            f"{self.name}: vLLM stopped answering (no response within the timeout, and its health check failed); "
+            f"it was killed and will start fresh on the next request (log: {engine.spec.log_path})",
+            engine,
+        )
         return True
 
-    def _record_exit(self, engine: eng.EngineProcess, code: int) -> None:
-        if self.engine is engine:  # not a stop we asked for, and not recorded yet
-            self.engine = None
-            eng.kill_group(engine.pid)  # the EngineCore may outlive the API server
-            self.failed_attempts += 1
-            self.last_error = (
-                f"{self.name}: vLLM exited unexpectedly with code {code}: "
-                f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
-            )
-            self.sleep_level = 0
-            self._set(State.ERROR)
+    async def _watch(self, engine: eng.EngineProcess) -> None:
+        await engine.process.wait()
+        self.child_died(engine)
+
+    def _record_exit(self, engine: eng.EngineProcess | None) -> None:
+        if engine is None or self.engine is not engine:
+            return  # a stop we asked for, or already recorded
+        self.engine = None
+        eng.kill_group(engine.pid)  # the EngineCore may outlive the API server
+        self.failed_attempts += 1
+        self.last_error = (
+            f"{self.name}: vLLM exited unexpectedly with code {engine.process.returncode}: "
+            f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
+        )
+        log.error("%s", self.last_error)
+        self.sleep_level, self.host_held = 0, 0
+        self._set(State.ERROR)
 
     # --- views ---------------------------------------------------------------------------------------------
 
@@ -318,6 +575,7 @@ class Instance:
             "devices": list(self.devices),
             "need_bytes": self.need,
             "gpu_memory_utilization": self.gpu_memory_utilization,
+            "host_memory_bytes": self.host_held,
             "in_flight": self.in_flight,
             "last_access": self.last_used_wall,
             "idle_seconds": round(self.idle_for(), 1),
@@ -327,3 +585,14 @@ class Instance:
             "last_error": self.last_error,
             "last_eviction": self.last_eviction,
         }
+
+
+def action_of(inst: Instance) -> str:
+    """How an eviction left `inst`: stop, sleep_l1 or sleep_l2 (the metrics' `action` label)."""
+    return "stop" if inst.state is not State.SLEEPING else f"sleep_l{inst.sleep_level}"
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:.0f} s"
+    return str(exc) or repr(exc)

@@ -8,6 +8,7 @@ the OpenAI error shape (mid-stream it ends the stream with an error event). The 
 until the last byte reaches the client or the client goes away; a client that goes away closes the upstream
 connection, which makes vLLM abort the request. A request that never reached vLLM because its child had just
 died (connection refused, or closed before any answer: `Instance.child_died`) is sent once more, to a fresh child.
+A child that sends no answer within `VLLAMA_RESPONSE_TIMEOUT` and fails its health check is killed (504).
 
 The upstream client is a small HTTP/1.1 client on asyncio (httptools parses the answer, in C): per chunk, one
 read, one wake-up of the relay and one write. It was chosen by measurement (bench/proxy.py; README "Proxy
@@ -29,8 +30,8 @@ from typing import Any, Protocol, cast
 import httptools
 from starlette.types import Receive, Scope, Send
 
-from vllama.engine import LOOPBACK, EngineProcess
-from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, VllamaError
+from vllama.engine import LOOPBACK, EngineProcess, engine_exited
+from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, VllamaError
 from vllama.instance import Instance
 from vllama.manager import Manager
 
@@ -489,7 +490,8 @@ class RelayEndpoint:
                 await send_error(send, err)
                 return
             try:
-                undelivered = await Relay(inst, client, send, receive).run(self.path, forwarded, body, may_resend)
+                relay = Relay(inst, client, send, receive, manager.settings.response_timeout)
+                undelivered = await relay.run(self.path, forwarded, body, may_resend)
             finally:
                 inst.release()
             if not undelivered:
@@ -501,10 +503,11 @@ class Relay:
     """One relayed request, from the POST upstream to the last byte to the client. A task watches the client:
     if it goes away, the relay is cancelled and the upstream connection dropped."""
 
-    __slots__ = ("client", "done", "gone", "inst", "receive", "send", "task")
+    __slots__ = ("client", "done", "gone", "inst", "receive", "response_timeout", "send", "task")
 
-    def __init__(self, inst: Instance, client: Client, send: Send, receive: Receive) -> None:
+    def __init__(self, inst: Instance, client: Client, send: Send, receive: Receive, response_timeout: float) -> None:
         self.inst = inst
+        self.response_timeout = response_timeout
         self.client = client
         self.send = send
         self.receive = receive
@@ -533,9 +536,19 @@ class Relay:
         up: UpstreamResponse | None = None
         try:
             try:
-                up = await self.client.post(engine.port, path, headers, body)
+                async with asyncio.timeout(self.response_timeout):
+                    up = await self.client.post(engine.port, path, headers, body)
+            except TimeoutError:
+                # no answer in time: a hung child is killed (and started afresh by the next request)
+                hung = await inst.check_hung(engine)
+                what = "stopped answering and was killed; the next request starts it again" if hung else "is busy"
+                await send_error(self.send, UpstreamTimeout(
+                    f"{inst.name}: no answer within {self.response_timeout:.0f} s (VLLAMA_RESPONSE_TIMEOUT): its vLLM "
+                    f"{what} (log: {engine.spec.log_path})"))  # fmt: skip
+                return False
             except CLIENT_ERRORS as exc:
-                if may_resend and await inst.child_died(engine):
+                if may_resend and await engine_exited(engine, within=2.0):
+                    inst.child_died(engine)  # recorded before any later command, a fresh acquire's start included
                     return True
                 await send_error(self.send, UpstreamError(f"{inst.name}: could not reach its vLLM server: {exc!r} "
                                                           f"(log: {engine.spec.log_path})"))  # fmt: skip

@@ -7,13 +7,17 @@ least recently used first. The manager executes the plan step by step and re-rea
 vLLM's memory rule: `gpu_memory_utilization × total` must be FREE on every device of an instance when it
 starts (not divided by the tensor-parallel size), so the need is per device, on each device of the placement.
 A sleeping vLLM still holds memory (its CUDA context): sleeping frees `held - asleep_held`, stopping frees
-all.
+all. Level-1 sleep keeps the weights in host memory: a level-1 eviction is chosen only while the host budget
+(`host_free`) has room for that model's weights, else level 2.
+
+On a GPU, vLLM sizes its memory from what is free while it initialises: no other start, wake or eviction may
+happen on a device while a model loads there (`loading`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,6 +45,7 @@ class Resident:
     in_flight: int = 0
     pinned: bool = False
     evict_level: int = 2  # 1 or 2 = sleep at that level, 3 = stop
+    host_l1: int = 0  # host memory its weights would take asleep at level 1
 
     @property
     def evictable(self) -> bool:
@@ -92,10 +97,17 @@ def _gib(n: int) -> str:
 
 
 def plan_placement(
-    devices: Sequence[DeviceMemory], residents: Sequence[Resident], demand: Demand, *, can_sleep: bool = True
+    devices: Sequence[DeviceMemory],
+    residents: Sequence[Resident],
+    demand: Demand,
+    *,
+    can_sleep: bool = True,
+    host_free: int | None = None,
+    loading: Mapping[int, str] | None = None,
 ) -> Plan:
     """Where `demand` goes and what to evict first. `can_sleep=False` (no sleep mode, e.g. CPU) turns every
-    eviction into a stop."""
+    eviction into a stop. `host_free`: room left in the host budget for level-1 sleepers' weights (None: no
+    limit). `loading`: device → the model loading there now (its devices are not used until it is done)."""
     by_index = {d.index: d for d in devices}
     if demand.devices is not None:
         unknown = [i for i in demand.devices if i not in by_index]
@@ -110,7 +122,10 @@ def plan_placement(
             )
         candidates = list(itertools.combinations(sorted(by_index), demand.tp))
 
-    plans = [_plan_on(by_index, devs, residents, demand, can_sleep) for devs in candidates]
+    plans = [
+        _busy_loading(devs, loading or {}, demand) or _plan_on(by_index, devs, residents, demand, can_sleep, host_free)
+        for devs in candidates
+    ]
     placements = [p for p in plans if isinstance(p, Placement)]
     if placements:
         return min(placements, key=lambda p: _placement_cost(p, by_index, demand))
@@ -129,12 +144,21 @@ def _placement_cost(
     return cost, freed, -left, p.devices
 
 
+def _busy_loading(devs: tuple[int, ...], loading: Mapping[int, str], demand: Demand) -> Blocked | None:
+    busy = {i: loading[i] for i in devs if i in loading and loading[i] != demand.name}
+    if not busy:
+        return None
+    where = ", ".join(f"{name} is loading on device {i}" for i, name in busy.items())
+    return Blocked(f"{demand.name} waits: {where}", wait=True, holders=tuple(sorted(set(busy.values()))))
+
+
 def _plan_on(
     by_index: dict[int, DeviceMemory],
     devs: tuple[int, ...],
     residents: Sequence[Resident],
     demand: Demand,
     can_sleep: bool,
+    host_free: int | None,
 ) -> Plan:
     for i in devs:
         if demand.need > by_index[i].total:
@@ -171,6 +195,11 @@ def _plan_on(
             break
         if r.phase == "running" and helps(r):
             level = r.evict_level if can_sleep else 3
+            if level == 1 and host_free is not None:
+                if r.host_l1 > host_free:
+                    level = 2  # the host has no room for its weights: drop them
+                else:
+                    host_free -= r.host_l1
             frees = r.held if level == 3 else max(r.held - r.asleep_held, 0)
             chosen[r.name] = Eviction(r.name, level, frees)
             credit(r, frees)
@@ -238,3 +267,16 @@ def keep_alive_step(
     if stop is not None and idle_for >= stop:
         due = "stop"
     return due
+
+
+def host_relief(residents: Sequence[Resident], host_free: int) -> tuple[str, ...]:
+    """Level-1 sleepers to take down to level 2, least recently used first, until the host budget is no longer
+    overdrawn (`host_free` < 0: the sleepers' weights take more host memory than the budget allows)."""
+    chosen: list[str] = []
+    for r in sorted(residents, key=lambda r: (r.last_used, r.name)):
+        if host_free >= 0:
+            break
+        if r.phase == "sleeping" and r.host_l1 > 0 and not r.pinned:
+            chosen.append(r.name)
+            host_free += r.host_l1
+    return tuple(chosen)

@@ -33,7 +33,9 @@ from vllama import __version__
 from vllama.config import KeepAlive, ModelConfig, parse_duration
 from vllama.errors import BadRequest, ModelNotFound, PayloadTooLarge, UpstreamError, VllamaError
 from vllama.instance import Instance, State
-from vllama.manager import Manager, cached_hf_models, hf_cache_dir
+from vllama.manager import Manager
+from vllama.registry import cached_hf_models
+from vllama.sizing import hf_cache_dir
 
 router = APIRouter()
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.routing import Route
 
 from vllama import proxy
-from vllama.manager import Manager, cached_hf_models
+from vllama.manager import Manager
+from vllama.registry import cached_hf_models
 
 
 @asynccontextmanager

@@ -1,0 +1,284 @@
+"""Placement: the devices' and the host's memory as the policy sees it, and the execution of its plans.
+
+`make_room` is run by the owner of the model being placed. It asks `scheduler.plan_placement` (pure) for a
+plan, and either reserves (no await between the plan and the reservation, so every later plan counts it) or
+runs the plan's first eviction by *asking* the victim's owner (`Instance.try_evict`: "not now" at once when the
+victim is busy), then plans again from fresh readings. It holds no lock, ever: waiting for memory is waiting
+for a change (an instance settled, a request finished), with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from vllama import scheduler
+from vllama.config import GIB, ModelConfig, Settings
+from vllama.errors import NoCapacity
+from vllama.gpu import GpuProbe
+from vllama.instance import Instance, Outcome, Reservation, State, action_of
+from vllama.sizing import checkpoint_bytes, model_dir
+
+if TYPE_CHECKING:
+    from vllama.registry import Registry
+
+log = logging.getLogger("vllama")
+
+NeedFor = Callable[[ModelConfig, int, str], tuple[int, float | None]]
+OnEviction = Callable[[Instance, str, str], None]  # victim, action (sleep_l1/sleep_l2/stop), for which model
+
+
+def default_host_budget() -> int:
+    """80% of the host memory available now (`MemAvailable`) for level-1 sleepers' weights."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
+
+
+class Placement:
+    def __init__(
+        self,
+        settings: Settings,
+        probe: GpuProbe,
+        registry: Registry,
+        need_for: NeedFor,
+        on_eviction: OnEviction,
+        *,
+        host_budget: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.probe = probe
+        self.registry = registry
+        self.need_for = need_for
+        self.on_eviction = on_eviction
+        self.host_budget = host_budget
+        self.clock = clock
+        self._changed = asyncio.Event()
+        self._host_estimates: dict[tuple[str, str], int] = {}
+
+    def changed(self) -> None:
+        """Something that may free memory happened: wake everyone waiting for room."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- what the policy sees ------------------------------------------------------------------------------
+
+    def host_bytes_at_l1(self, inst: Instance) -> int:
+        """Host memory a model's weights take asleep at level 1: the checkpoint's size where its files are local,
+        else what it holds awake less what it keeps asleep (more than the weights: a safe side)."""
+        key = (inst.name, inst.cfg.source or inst.name)
+        if key not in self._host_estimates:
+            folder = model_dir(inst.cfg.source or inst.name)
+            on_disk = checkpoint_bytes(folder)[0] if folder is not None else None
+            if on_disk:
+                self._host_estimates[key] = on_disk
+            else:
+                return max(inst.need - self._asleep_held(inst), 0) * max(len(inst.devices), 1)
+        return self._host_estimates[key]
+
+    def host_free(self) -> int:
+        """What is left of the host budget for level-1 sleepers (negative when overdrawn)."""
+        used = sum(i.host_held for i in self.registry.instances.values() if i.state is State.SLEEPING)
+        return self.host_budget - used
+
+    def _asleep_held(self, inst: Instance) -> int:
+        return inst.asleep_held or int(self.settings.sleep_residual_gib * GIB)
+
+    def loading(self, exclude: Instance | None = None) -> dict[int, str]:
+        """GPU device → the model starting or waking there (vLLM sizes itself from free memory meanwhile)."""
+        if self.probe.kind != "cuda":
+            return {}
+        out: dict[int, str] = {}
+        for inst in self.registry.instances.values():
+            if inst is not exclude and inst.state in (State.STARTING, State.WAKING):
+                for d in inst.devices:
+                    out[d] = inst.name
+        return out
+
+    def memory_view(self) -> tuple[list[scheduler.DeviceMemory], list[scheduler.Resident]]:
+        """The devices' free memory (measured, less what loading instances reserved but have not taken yet)
+        and every instance that holds memory, for the policy."""
+        devices = self.probe.devices()
+        measured = self.measured_by_instance()
+        reserved = {d.index: 0 for d in devices}
+        residents = []
+        for inst in self.registry.instances.values():
+            if inst.state in (State.STOPPED, State.ERROR) and inst.engine is None:
+                continue
+            mine = measured.get(inst.name, {})
+            held_now = max([inst.reserved(), *mine.values()])
+            for d in inst.devices:
+                if d in reserved:
+                    reserved[d] += max(inst.reserved(), mine.get(d, 0))
+            busy = inst.busy or inst.state not in (State.RUNNING, State.SLEEPING)
+            asleep_at_l1 = inst.state is State.SLEEPING and inst.sleep_level == 1
+            residents.append(
+                scheduler.Resident(
+                    name=inst.name,
+                    phase="busy" if busy else ("running" if inst.state is State.RUNNING else "sleeping"),
+                    devices=inst.devices,
+                    held=held_now,
+                    asleep_held=self._asleep_held(inst),
+                    last_used=inst.last_used,
+                    in_flight=inst.in_flight,
+                    pinned=inst.cfg.pinned,
+                    evict_level=inst.cfg.sleep_level,
+                    host_l1=inst.host_held if asleep_at_l1 else (self.host_bytes_at_l1(inst) if not busy else 0),
+                )
+            )
+        view = [
+            scheduler.DeviceMemory(d.index, d.total, max(0, min(d.free, d.total - reserved[d.index]))) for d in devices
+        ]
+        return view, residents
+
+    def measured_by_instance(self) -> dict[str, dict[int, int]]:
+        """Device memory each instance's processes hold, as the probe measures it (model → device → bytes)."""
+        per_pid = self.probe.process_memory()
+        if not per_pid:
+            return {}
+        # each child's process group is led by its guard: map the few GPU-holding pids to groups, rather than
+        # scanning every process of the machine (this runs on the event loop, during placements)
+        by_group = {i.engine.pid: i.name for i in self.registry.instances.values() if i.engine is not None}
+        out: dict[str, dict[int, int]] = {}
+        for pid, per_device in per_pid.items():
+            try:
+                name = by_group.get(os.getpgid(pid))
+            except OSError:
+                continue
+            if name is not None:
+                mine = out.setdefault(name, {})
+                for d, n in per_device.items():
+                    mine[d] = mine.get(d, 0) + n
+        return out
+
+    def free_on(self, devices: tuple[int, ...]) -> dict[int, int]:
+        view, _ = self.memory_view()
+        return {d.index: d.free for d in view if d.index in devices}
+
+    def demand(self, inst: Instance, devices: tuple[int, ...] | None, waking: bool) -> scheduler.Demand:
+        totals = {d.index: d.total for d in self.probe.devices()}
+        candidates = devices if devices is not None else tuple(totals)
+        if waking:
+            need = inst.need
+        else:
+            total = max(totals.get(d, 0) for d in candidates) if candidates else 0
+            need, _ = self.need_for(inst.cfg, total, inst.name)
+        return scheduler.Demand(
+            name=inst.name, need=need, tp=inst.cfg.tp, devices=devices, held=inst.asleep_held if waking else 0
+        )
+
+    def plan(self, inst: Instance, waking: bool) -> tuple[scheduler.Plan, scheduler.Demand]:
+        fixed = inst.devices if waking else (tuple(inst.cfg.devices) if inst.cfg.devices else None)
+        devices, residents = self.memory_view()
+        demand = self.demand(inst, fixed, waking)
+        plan = scheduler.plan_placement(
+            devices,
+            residents,
+            demand,
+            can_sleep=self.probe.supports_sleep,
+            host_free=self.host_free() if self.probe.supports_sleep else None,
+            loading=self.loading(exclude=inst),
+        )
+        return plan, demand
+
+    def _reservation(self, devices: tuple[int, ...], demand: scheduler.Demand, inst: Instance) -> Reservation:
+        if demand.held or inst.state is State.SLEEPING:  # a wake: same devices, same fraction
+            return Reservation(devices, demand.need, inst.gpu_memory_utilization)
+        totals = [d.total for d in self.probe.devices() if d.index in devices]
+        _, util = self.need_for(inst.cfg, min(totals) if totals else 0, inst.name)
+        return Reservation(devices, demand.need, util)
+
+    # --- execution (run by the owner of the model being placed) --------------------------------------------
+
+    def room_without_eviction(self, inst: Instance) -> Reservation | None:
+        """A reservation if `inst` (asleep) can wake where it is without evicting anyone, now."""
+        plan, demand = self.plan(inst, waking=True)
+        if isinstance(plan, scheduler.Placement) and not plan.evictions:
+            return self._reservation(plan.devices, demand, inst)
+        return None
+
+    async def make_room(self, inst: Instance, waking: bool) -> Reservation:
+        """Evict (one step at a time, re-reading real memory after each) until `inst` fits, then reserve. Waits
+        while only busy models stand in the way, up to `capacity_wait`; then NoCapacity."""
+        deadline = self.clock() + self.settings.capacity_wait
+        while True:
+            changed = self._changed
+            plan, demand = self.plan(inst, waking)
+            if isinstance(plan, scheduler.Placement):
+                if not plan.evictions:
+                    return self._reservation(plan.devices, demand, inst)
+                victim = self.registry.instances.get(plan.evictions[0].name)
+                wanted = {d: demand.need - demand.held for d in plan.devices}
+                if victim is not None and await self._evict(victim, plan.evictions[0], inst.name, wanted):
+                    continue
+                # the victim became busy since the plan was made: plan again once something changes
+            elif not plan.wait:
+                inst.last_error = plan.reason
+                raise NoCapacity(plan.reason)
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                reason = plan.reason if isinstance(plan, scheduler.Blocked) else "the models in the way stayed busy"
+                raise NoCapacity(f"gave up after waiting {self.settings.capacity_wait:.0f} s: {reason}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+
+    async def _evict(
+        self, victim: Instance, eviction: scheduler.Eviction, for_model: str, wanted: dict[int, int]
+    ) -> bool:
+        """Ask the victim to sleep or stop; True if it did (or failed trying, which freed its memory too).
+        `wanted`: the free bytes per device the model being placed needs."""
+        before = self.free_on(victim.devices)
+        held_before = self.measured_by_instance().get(victim.name, {})
+        outcome = await victim.try_evict(eviction.level)
+        if outcome is Outcome.NOT_NOW:
+            return False
+        if outcome is Outcome.FAILED:
+            log.warning("eviction of %s for %s failed: %s", victim.name, for_model, victim.last_error)
+            return True
+        self.on_eviction(victim, action_of(victim), for_model)
+        expected = eviction.frees
+        if victim.state is State.SLEEPING and victim.asleep_held and held_before:
+            # the plan guessed what a sleeper keeps (its CUDA context); now it is measured: expect what was
+            # really released, not the guess (a guess too low would wait out the settle timeout for nothing)
+            expected = max(0, min(held_before.get(d, 0) for d in victim.devices) - victim.asleep_held)
+        await self._settle(victim.devices, before, expected, wanted)
+        return True
+
+    async def _settle(
+        self, devices: tuple[int, ...], before: dict[int, int], expected: int, wanted: dict[int, int]
+    ) -> None:
+        """Freed GPU memory shows up in NVML with a delay: wait (bounded) until most of it is back, or until
+        what the model being placed needs (`wanted`, free bytes per device) is free."""
+        deadline = self.clock() + self.settings.memory_settle_timeout
+        target = int(expected * 0.9)
+        while self.clock() < deadline:
+            now = self.free_on(tuple(set(devices) | set(wanted)))
+            if all(now.get(d, 0) - before.get(d, 0) >= target for d in devices):
+                return
+            if all(now.get(d, 0) >= n for d, n in wanted.items()):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("memory on devices %s did not come back in time after an eviction", list(devices))
+
+    def held_by(self, engine_pid: int) -> int:
+        """The most device memory the process group `engine_pid` holds on one device now (0 if unknown)."""
+        per_pid = self.probe.process_memory()
+        most = 0
+        totals: dict[int, int] = {}
+        for pid, per_device in per_pid.items():
+            try:
+                if os.getpgid(pid) != engine_pid:
+                    continue
+            except OSError:
+                continue
+            for d, n in per_device.items():
+                totals[d] = totals.get(d, 0) + n
+        if totals:
+            most = max(totals.values())
+        return most

@@ -119,6 +119,7 @@ class Command:
     drain_timeout: float = 0.0
     engine: eng.EngineProcess | None = None  # child_died / check_hung: which child the news is about
     attempts_seen: int = 0  # bring_up: failed attempts when sent (an attempt that failed since is shared)
+    admit: bool = False  # bring_up: admit one request once running (see `bring_up_and_acquire`)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -199,6 +200,17 @@ class Instance:
     async def bring_up(self) -> None:
         """Start or wake, making room first; ModelUnavailable (NoCapacity) if that fails."""
         await self._send(Command("bring_up", attempts_seen=self.failed_attempts))
+
+    async def bring_up_and_acquire(self) -> None:
+        """Start or wake, then admit one request (the caller releases it). The owner admits it the moment the
+        model is running, before anything else can run: no other model's eviction comes in between."""
+        command = Command("bring_up", attempts_seen=self.failed_attempts, admit=True)
+        try:
+            await self._send(command)
+        except asyncio.CancelledError:
+            # the caller left while waiting: a request admitted on its behalf is given back
+            command.future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.release())
+            raise
 
     async def stop(self, drain_timeout: float) -> bool:
         """Stop after in-flight requests finish; False if they did not in time (then it keeps running)."""
@@ -284,7 +296,10 @@ class Instance:
 
     async def _serve(self, c: Command) -> Any:
         if c.kind == "bring_up":
-            return await self._bring_up(c.attempts_seen)
+            await self._bring_up(c.attempts_seen)
+            if c.admit and not self.try_acquire():
+                raise ModelUnavailable(self.last_error or f"{self.name} is {self.state.value}")
+            return None
         if c.kind == "evict":
             return await self._evict(c.level)
         if c.kind == "deepen":

@@ -79,7 +79,7 @@ class Manager:
             int(settings.host_memory_gib * GIB) if settings.host_memory_gib is not None else default_host_budget()
         )
         self.placement = Placement(
-            settings, probe, self.registry, self.need_for, self._capacity_eviction, host_budget=host_budget, clock=clock
+            settings, probe, self.registry, self.need_for, self._capacity_eviction, host_budget=host_budget
         )
         self.keep_alive = KeepAliveLoop(settings, self.registry, self.placement, self._record_eviction)
         self.driver: Driver = driver or VllmDriver(
@@ -175,13 +175,8 @@ class Manager:
             raise ModelUnavailable("vllama is shutting down")
         waited_from = time.perf_counter()
         try:
-            while True:
-                await inst.bring_up()
-                if inst.try_acquire():
-                    return inst
-                # it went down again between the bring-up and now (an eviction, a crash): once more
-                if self.closing:
-                    raise ModelUnavailable("vllama is shutting down")
+            await inst.bring_up_and_acquire()
+            return inst
         finally:
             self.metrics.observe_wait(inst.name, time.perf_counter() - waited_from)
 

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -50,7 +49,6 @@ class Placement:
         on_eviction: OnEviction,
         *,
         host_budget: int,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.probe = probe
@@ -58,7 +56,6 @@ class Placement:
         self.need_for = need_for
         self.on_eviction = on_eviction
         self.host_budget = host_budget
-        self.clock = clock
         self._changed = asyncio.Event()
         self._host_estimates: dict[tuple[str, str], int] = {}
 
@@ -206,7 +203,8 @@ class Placement:
     async def make_room(self, inst: Instance, waking: bool) -> Reservation:
         """Evict (one step at a time, re-reading real memory after each) until `inst` fits, then reserve. Waits
         while only busy models stand in the way, up to `capacity_wait`; then NoCapacity."""
-        deadline = self.clock() + self.settings.capacity_wait
+        loop = asyncio.get_running_loop()  # deadlines are real time (`clock` is for idle times, tests move it)
+        deadline = loop.time() + self.settings.capacity_wait
         while True:
             changed = self._changed
             plan, demand = self.plan(inst, waking)
@@ -221,7 +219,7 @@ class Placement:
             elif not plan.wait:
                 inst.last_error = plan.reason
                 raise NoCapacity(plan.reason)
-            remaining = deadline - self.clock()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 reason = plan.reason if isinstance(plan, scheduler.Blocked) else "the models in the way stayed busy"
                 raise NoCapacity(f"gave up after waiting {self.settings.capacity_wait:.0f} s: {reason}")
@@ -247,17 +245,20 @@ class Placement:
             # the plan guessed what a sleeper keeps (its CUDA context); now it is measured: expect what was
             # really released, not the guess (a guess too low would wait out the settle timeout for nothing)
             expected = max(0, min(held_before.get(d, 0) for d in victim.devices) - victim.asleep_held)
-        await self._settle(victim.devices, before, expected, wanted)
+        await self._settle(victim, before, expected, wanted)
         return True
 
-    async def _settle(
-        self, devices: tuple[int, ...], before: dict[int, int], expected: int, wanted: dict[int, int]
-    ) -> None:
+    async def _settle(self, victim: Instance, before: dict[int, int], expected: int, wanted: dict[int, int]) -> None:
         """Freed GPU memory shows up in NVML with a delay: wait (bounded) until most of it is back, or until
-        what the model being placed needs (`wanted`, free bytes per device) is free."""
-        deadline = self.clock() + self.settings.memory_settle_timeout
+        what the model being placed needs (`wanted`, free bytes per device) is free, or until the victim moved
+        on (woken again by its own request: then the next plan sees that)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.memory_settle_timeout
         target = int(expected * 0.9)
-        while self.clock() < deadline:
+        devices, settled_as = victim.devices, (victim.state, victim.sleep_level)
+        while loop.time() < deadline:
+            if victim.busy or (victim.state, victim.sleep_level) != settled_as:
+                return
             now = self.free_on(tuple(set(devices) | set(wanted)))
             if all(now.get(d, 0) - before.get(d, 0) >= target for d in devices):
                 return

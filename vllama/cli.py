@@ -98,6 +98,12 @@ def info(url: str = URL_OPTION) -> None:
             f"  [{d['index']}] {d['name']}: {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}"
             f" ({_gib(d['available_bytes'])} unreserved); models: {', '.join(d['models']) or '-'}"
         )
+    host = data.get("host_memory")
+    if host:
+        typer.echo(
+            f"host memory:   {_gib(host['l1_bytes'])} of {_gib(host['budget_bytes'])} held by level-1 sleepers' "
+            f"weights (VLLAMA_HOST_MEMORY_GIB; past it, evictions sleep at level 2)"
+        )
     typer.echo(
         f"evictions:     {data['evictions']}" + (f", last: {data['last_eviction']}" if data["last_eviction"] else "")
     )
@@ -148,6 +154,8 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("last_error"):
             lines.append(f"! {r['model']}: {r['last_error']}")
+        if r.get("host_memory_bytes"):
+            lines.append(f"  {r['model']}: {_gib(r['host_memory_bytes'])} of host memory (its weights, asleep at L1)")
         if r.get("memory_sizing"):
             lines.append(f"  {r['model']}: {r['memory_sizing']}")
     return "\n".join(lines)
@@ -164,6 +172,9 @@ def ps(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json", help
         typer.echo("no model instances (a request or `vllama start MODEL` starts one)")
         return
     typer.echo(_format_ps(data["models"]))
+    host = data.get("host_memory")
+    if host and host["l1_bytes"]:
+        typer.echo(f"host memory: {_gib(host['l1_bytes'])} of {_gib(host['budget_bytes'])} held by level-1 sleepers")
 
 
 @app.command()

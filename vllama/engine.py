@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,15 +118,16 @@ def pick_port(port_range: tuple[int, int], taken: Iterable[int]) -> int:
     raise EngineError(f"no free port in {port_range[0]}-{port_range[1]} for a new vLLM instance")
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> tuple[str, int]:
+    """The last lines of a log and the byte offset right after them (read once, so nothing falls between)."""
     try:
         with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            tail = deque(f.read().decode(errors="replace").splitlines(), maxlen=lines)
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - 64 * 1024))
+            data = f.read(end - f.tell())
     except OSError:
-        return ""
-    return "\n".join(tail)
+        return "", 0
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:]), end
 
 
 # vLLM's last words after a failed start only point elsewhere ("Engine core initialization failed. See root
@@ -138,7 +138,7 @@ _GENERIC_FAILURE = re.compile(r"See root cause above|Engine core initialization 
 def summarize_failure(path: Path) -> str:
     """The most telling line of a failed vLLM log (its last error that is not a generic wrapper), for an
     error message."""
-    tail = log_tail(path, 60).splitlines()
+    tail = log_tail(path, 60)[0].splitlines()
     errors = [line for line in tail if re.search(r"(Error|Exception|error:)", line) and "Traceback" not in line]
     specific = [line for line in errors if not _GENERIC_FAILURE.search(line)]
     if specific or errors:

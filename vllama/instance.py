@@ -209,8 +209,12 @@ class Instance:
             await self._send(command)
         except asyncio.CancelledError:
             # the caller left while waiting: a request admitted on its behalf is given back
-            command.future.add_done_callback(lambda f: f.cancelled() or f.exception() or self.release())
+            command.future.add_done_callback(self._release_if_admitted)
             raise
+
+    def _release_if_admitted(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release()
 
     async def stop(self, drain_timeout: float) -> bool:
         """Stop after in-flight requests finish; False if they did not in time (then it keeps running)."""

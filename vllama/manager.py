@@ -345,6 +345,12 @@ class Manager:
             for d in view
         ]
 
+    def host_memory(self) -> dict[str, int]:
+        """The host budget for level-1 sleepers' weights, what they hold and what is left."""
+        budget = self.placement.host_budget
+        free = self.placement.host_free()
+        return {"budget_bytes": budget, "l1_bytes": budget - free, "free_bytes": free}
+
     def live_strays(self) -> list[dict[str, Any]]:
         """The strays found at start-up that are still there (for `info`)."""
         self.strays = [s for s in self.strays if s["pid"] is None or psutil.pid_exists(s["pid"])]

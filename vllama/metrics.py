@@ -132,6 +132,9 @@ class _ManagerCollector(Collector):
         idle = GaugeMetricFamily(
             "vllama_model_idle_seconds", "seconds since each model's last request", labels=["model"]
         )
+        host_held = GaugeMetricFamily(
+            "vllama_model_host_memory_bytes", "host memory a model asleep at level 1 holds", labels=["model"]
+        )
         for row in m.ps():
             name = str(row["model"])
             for s in _STATES:
@@ -139,9 +142,10 @@ class _ManagerCollector(Collector):
             level.add_metric([name], float(row.get("sleep_level") or 0))
             in_flight.add_metric([name], float(row["in_flight"]))
             idle.add_metric([name], float(row["idle_seconds"]))
+            host_held.add_metric([name], float(row.get("host_memory_bytes") or 0))
             for device, n in dict(row.get("memory_bytes") or {}).items():
                 memory.add_metric([name, str(device)], float(n))
-        yield from (state, level, in_flight, memory, idle)
+        yield from (state, level, in_flight, memory, idle, host_held)
 
         total = GaugeMetricFamily(
             "vllama_device_memory_total_bytes", "device memory", labels=["device", "name", "kind"]
@@ -160,6 +164,15 @@ class _ManagerCollector(Collector):
             free.add_metric(labels, float(d["free_bytes"]))
             available.add_metric(labels, float(d["available_bytes"]))
         yield from (total, free, available)
+
+        host = m.host_memory()
+        budget = GaugeMetricFamily(
+            "vllama_host_memory_budget_bytes", "host memory allowed for level-1 sleepers' weights"
+        )
+        budget.add_metric([], float(host["budget_bytes"]))
+        l1 = GaugeMetricFamily("vllama_host_memory_l1_bytes", "host memory level-1 sleepers' weights hold")
+        l1.add_metric([], float(host["l1_bytes"]))
+        yield from (budget, l1)
 
         uptime = GaugeMetricFamily("vllama_uptime_seconds", "seconds since the daemon started")
         uptime.add_metric([], time.time() - m.started_at)

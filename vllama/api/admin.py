@@ -12,17 +12,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from vllama import __version__
+from vllama.api.deps import manager_of
 from vllama.config import update_model_entry
+from vllama.engine import log_tail
 from vllama.errors import BadRequest, ConfigError, NotFound
 from vllama.instance import State
-from vllama.manager import Manager
 
 router = APIRouter(prefix="/vllama")
-
-
-def manager_of(request: Request) -> Manager:
-    manager: Manager = request.app.state.manager
-    return manager
 
 
 class ModelRef(BaseModel):
@@ -64,6 +60,7 @@ async def info(request: Request) -> dict[str, Any]:
         "device_kind": m.probe.kind,
         "sleep_mode": m.probe.supports_sleep,
         "devices": m.devices_snapshot(),
+        "host_memory": m.host_memory(),
         "vllm_command": s.vllm_command,
         "uptime_seconds": round(time.time() - m.started_at, 1),
         "evictions": m.evictions,
@@ -82,6 +79,7 @@ async def ps(request: Request) -> dict[str, Any]:
     return {
         "models": m.ps(),
         "devices": m.devices_snapshot(),
+        "host_memory": m.host_memory(),
         "last_eviction": m.last_eviction,
         "recent_evictions": list(m.recent_evictions),
     }
@@ -152,25 +150,13 @@ async def logs(request: Request, model: str, lines: int = 50, offset: int | None
     if inst is None or inst.last_log is None:
         raise NotFound(f"{name} has no log yet (it has not been started by this vllama)")
     if offset is None:
-        text, end = _log_tail(inst.last_log, max(1, min(lines, 2000)))
+        text, end = log_tail(inst.last_log, max(1, min(lines, 2000)))
     else:
         text, end = _log_from(inst.last_log, max(0, offset))
     return {"model": name, "log": str(inst.last_log), "lines": text, "offset": end}
 
 
 _LOG_CHUNK = 1024 * 1024
-
-
-def _log_tail(path: Path, lines: int) -> tuple[str, int]:
-    """The last lines of a log and the byte offset right after them (read once, so nothing falls between)."""
-    try:
-        with path.open("rb") as f:
-            end = f.seek(0, os.SEEK_END)
-            f.seek(max(0, end - 64 * 1024))
-            data = f.read(end - f.tell())
-    except OSError:
-        return "", 0
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:]), end
 
 
 def _log_from(path: Path, offset: int) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from vllama import __version__
+from vllama.api.deps import manager_of
 from vllama.config import KeepAlive, ModelConfig, parse_duration
 from vllama.errors import BadRequest, ModelNotFound, PayloadTooLarge, UpstreamError, VllamaError
 from vllama.instance import Instance, State
@@ -57,11 +58,6 @@ _OPTIONS = {  # Ollama option → vLLM (OpenAI API + vLLM's sampling extras)
     "num_predict": "max_tokens",
 }
 Json = dict[str, Any]
-
-
-def manager_of(request: Request) -> Manager:
-    manager: Manager = request.app.state.manager
-    return manager
 
 
 def now_iso() -> str:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.routing import Route
 
 from vllama import proxy
-from vllama.manager import Manager
+from vllama.api.deps import manager_of
 from vllama.registry import cached_hf_models
 
 
@@ -33,11 +33,6 @@ async def relay_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(lifespan=relay_lifespan)
-
-
-def manager_of(request: Request) -> Manager:
-    manager: Manager = request.app.state.manager
-    return manager
 
 
 def _schema_only(path: str) -> None:

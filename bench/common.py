@@ -44,9 +44,11 @@ class StepReport:
 
 def exit_on_sigterm() -> None:
     """Make SIGTERM (e.g. from `timeout`) a normal exit, so `finally` blocks stop what the benchmark started:
-    Python's default SIGTERM handling skips them, leaving vLLM processes holding GPU memory."""
+    Python's default SIGTERM handling skips them, leaving vLLM processes holding GPU memory. Only the first one
+    counts: `timeout` signals the process and then its group, and a second SystemExit would cut the clean-up."""
 
     def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

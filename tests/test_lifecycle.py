@@ -162,7 +162,9 @@ async def test_two_events_on_one_model_end_in_a_defined_state(tmp_path: Path, fi
                 tasks.append(asyncio.create_task(core.manager.stop("M")))
             elif event == "child_death":
                 if m.engine is not None:
-                    core.driver.crash(m.engine)
+                    engine = m.engine
+                    core.driver.crash(engine)
+                    await asyncio.wait_for(engine.process.wait(), HANG)  # the exit is seen (the watcher's news)
             elif event == "disconnect":
                 waiter = asyncio.create_task(core.manager.acquire("M"))
                 await settle()
@@ -191,6 +193,8 @@ async def test_two_events_on_one_model_end_in_a_defined_state(tmp_path: Path, fi
         if m.state is not State.RUNNING:
             assert m.engine is None or m.state is State.SLEEPING
         # and M answers a request afterwards (the other model, idle, makes room)
+        await settle()
+        await asyncio.wait_for(_until(lambda: not m.busy), HANG)
         again = await core.request("M")
         assert again.state is State.RUNNING and again.engine is not None and not again.engine.exited
 
@@ -408,8 +412,8 @@ async def test_cancelled_waiters_do_not_cancel_the_start(tmp_path: Path) -> None
             await waiter
         core.driver.release("M", "start")
         m = core.inst("M")
-        await asyncio.wait_for(_until(lambda: m.state is State.RUNNING), HANG)
-        assert m.in_flight == 0
+        # running, and the request admitted for the waiter that left is given back
+        await asyncio.wait_for(_until(lambda: m.state is State.RUNNING and m.in_flight == 0), HANG)
 
 
 async def test_shutdown_mid_start_kills_the_child(tmp_path: Path) -> None:
@@ -474,3 +478,16 @@ async def test_no_load_or_eviction_on_a_device_while_another_model_loads_there(t
         core.driver.release("A", "start")
         await asyncio.wait_for(asyncio.gather(a_task, b_task), HANG)
         assert core.driver.calls.index(("B", "start")) > core.driver.calls.index(("A", "start"))
+
+
+async def test_shutdown_answers_the_commands_still_queued(tmp_path: Path) -> None:
+    async with make_core(tmp_path, {"M": gib(4)}) as core:
+        gate = core.driver.hold("M", "start")
+        first = asyncio.create_task(core.manager.acquire("M"))
+        await asyncio.wait_for(gate.entered.wait(), HANG)
+        queued = asyncio.create_task(core.manager.stop("M"))  # waits behind the start
+        await settle()
+        await asyncio.wait_for(core.manager.close(), HANG)
+        for task in (first, queued):
+            with pytest.raises(ModelUnavailable, match="shutting down"):
+                await asyncio.wait_for(task, HANG)

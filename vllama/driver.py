@@ -115,7 +115,9 @@ class VllmDriver:
                         raise eng.EngineError(f"{exc} (log: {spec.log_path})") from None
                     failed = spec.port
                     spec = self._spec(inst, tried)
-                    log.warning("%s: port %d was taken; trying port %d", inst.name, failed, spec.port)
+                    log.warning(
+                        "%s: port %d was taken by another process; trying port %d", inst.name, failed, spec.port
+                    )
         finally:
             self.launching.pop(inst.name, None)
         await eng.warm_up(engine, http, inst.name)

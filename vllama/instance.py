@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,7 +153,8 @@ class Instance:
         self.last_eviction: str | None = None
         # set by a request's `keep_alive` (Ollama API): replaces the configured keep-alive ladder until it stops
         self.keep_alive_override: KeepAlive | None = None
-        self.failed_attempts = 0  # count of failed starts/wakes: waiters on a failed attempt share its error
+        # failed starts and wakes: the callers that waited for one share its error instead of each trying again
+        self.failed_attempts = 0
         self.ready_at: float | None = None
         self.startup_seconds: float | None = None
         self.transition_timeout = transition_timeout
@@ -197,9 +199,11 @@ class Instance:
 
     # --- commands (what everyone else calls) ---------------------------------------------------------------
 
-    async def bring_up(self) -> None:
-        """Start or wake, making room first; ModelUnavailable (NoCapacity) if that fails."""
-        await self._send(Command("bring_up", attempts_seen=self.failed_attempts))
+    async def bring_up(self) -> dict[str, object]:
+        """Start or wake, making room first; ModelUnavailable (NoCapacity) if that fails. Answers the snapshot
+        taken when it was done (the owner may go on with later commands at once)."""
+        result: dict[str, object] = await self._send(Command("bring_up", attempts_seen=self.failed_attempts))
+        return result
 
     async def bring_up_and_acquire(self) -> None:
         """Start or wake, then admit one request (the caller releases it). The owner admits it the moment the
@@ -216,15 +220,18 @@ class Instance:
         if not future.cancelled() and future.exception() is None:
             self.release()
 
-    async def stop(self, drain_timeout: float) -> bool:
-        """Stop after in-flight requests finish; False if they did not in time (then it keeps running)."""
-        result: bool = await self._send(Command("stop", level=3, drain_timeout=drain_timeout))
+    async def stop(self, drain_timeout: float) -> tuple[bool, dict[str, object]]:
+        """Stop after in-flight requests finish; False if they did not in time (then it keeps running). With
+        the snapshot taken when it was done."""
+        result: tuple[bool, dict[str, object]] = await self._send(Command("stop", level=3, drain_timeout=drain_timeout))
         return result
 
-    async def sleep(self, level: int, drain_timeout: float) -> bool:
+    async def sleep(self, level: int, drain_timeout: float) -> tuple[bool, dict[str, object]]:
         """Sleep at level 1 or 2 after in-flight requests finish; False if they did not in time. Conflict if
-        the instance is not running (or asleep at another level)."""
-        result: bool = await self._send(Command("sleep", level=level, drain_timeout=drain_timeout))
+        the instance is not running (or asleep at another level). With the snapshot taken when it was done."""
+        result: tuple[bool, dict[str, object]] = await self._send(
+            Command("sleep", level=level, drain_timeout=drain_timeout)
+        )
         return result
 
     async def try_evict(self, level: int) -> Outcome:
@@ -257,6 +264,10 @@ class Instance:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        while not self._queue.empty():  # commands that will never be served: their senders get an answer
+            command = self._queue.get_nowait()
+            if not command.future.done():
+                command.future.set_exception(ModelUnavailable(f"{self.name}: vllama is shutting down"))
         if self._watcher is not None:
             self._watcher.cancel()
         engine, self.engine = self.engine, None
@@ -268,6 +279,7 @@ class Instance:
         if self._task.done():
             raise ModelUnavailable(f"{self.name}: vllama is shutting down")
         self._queue.put_nowait(command)
+        command.future.add_done_callback(_retrieved)
         # shielded: a caller that gives up (a client that left) does not cancel the owner's work
         return await asyncio.shield(command.future)
 
@@ -303,15 +315,15 @@ class Instance:
             await self._bring_up(c.attempts_seen)
             if c.admit and not self.try_acquire():
                 raise ModelUnavailable(self.last_error or f"{self.name} is {self.state.value}")
-            return None
+            return self.snapshot()
         if c.kind == "evict":
             return await self._evict(c.level)
         if c.kind == "deepen":
             return await self._deepen()
         if c.kind == "sleep":
-            return await self._admin_sleep(c.level, c.drain_timeout)
+            return await self._admin_sleep(c.level, c.drain_timeout), self.snapshot()
         if c.kind == "stop":
-            return await self._stop(c.drain_timeout)
+            return await self._stop(c.drain_timeout), self.snapshot()
         if c.kind == "child_died":
             return self._record_exit(c.engine)
         if c.kind == "check_hung":
@@ -358,6 +370,7 @@ class Instance:
             ok = isinstance(exc, eng.EngineError | OSError)
             message = f"{self.name} failed to start: {exc}" if ok else f"{self.name}: start interrupted ({exc!r})"
             self._host.observe(self, "start", self._clock() - t0, False)
+            self.failed_attempts += 1
             await self._fail(message, engine)
             if isinstance(exc, Exception):
                 raise ModelUnavailable(message) from None
@@ -386,6 +399,7 @@ class Instance:
                 f"{self.name} failed to wake from sleep level {level}: {_describe(exc, self.transition_timeout)}; "
                 f"the instance was stopped and will start fresh on the next request (log: {engine.spec.log_path})"
             )
+            self.failed_attempts += 1
             await self._fail(message, engine)
             if isinstance(exc, Exception):
                 raise ModelUnavailable(message) from None
@@ -531,11 +545,13 @@ class Instance:
         """Whatever went wrong: kill the child (shielded from a cancellation), ERROR with the reason."""
         engine = engine or self.engine
         self.engine = None
-        self.failed_attempts += 1
         self.last_error = message
         self.sleep_level, self.host_held = 0, 0
         self._set(State.ERROR)
-        log.error("%s", message)
+        if isinstance(_current_exception(), asyncio.CancelledError):
+            log.info("%s: interrupted (vllama is shutting down): its child is stopped", self.name)
+        else:
+            log.error("%s", message)
         if engine is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._host.stop_engine(engine))
@@ -561,7 +577,6 @@ class Instance:
             return  # a stop we asked for, or already recorded
         self.engine = None
         eng.kill_group(engine.pid)  # the EngineCore may outlive the API server
-        self.failed_attempts += 1
         self.last_error = (
             f"{self.name}: vLLM exited unexpectedly with code {engine.process.returncode}: "
             f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
@@ -609,6 +624,16 @@ class Instance:
 def action_of(inst: Instance) -> str:
     """How an eviction left `inst`: stop, sleep_l1 or sleep_l2 (the metrics' `action` label)."""
     return "stop" if inst.state is not State.SLEEPING else f"sleep_l{inst.sleep_level}"
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark an answer's exception as seen: its sender may have given up waiting for it (no asyncio warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _current_exception() -> BaseException | None:
+    return sys.exc_info()[1]
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

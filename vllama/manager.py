@@ -239,32 +239,32 @@ class Manager:
 
     # --- admin operations ----------------------------------------------------------------------------------
 
-    async def start(self, name: str) -> Instance:
-        inst = self.instance(name)
-        await inst.bring_up()
-        return inst
+    async def start(self, name: str) -> dict[str, object]:
+        """Start or wake `name`; its `ps` row once running."""
+        return await self.instance(name).bring_up()
 
-    async def stop(self, name: str) -> Instance:
+    async def stop(self, name: str) -> dict[str, object]:
+        """Stop `name` after its in-flight requests (Conflict if they do not finish); its row once stopped."""
         inst = self.instance(name)
-        if not await inst.stop(self.settings.drain_timeout):
+        stopped, snapshot = await inst.stop(self.settings.drain_timeout)
+        if not stopped:
             raise Conflict(f"{inst.name} still has {inst.in_flight} request(s) in flight; try again later")
-        return inst
+        return snapshot
 
-    async def sleep(self, name: str, level: int) -> tuple[Instance, str]:
+    async def sleep(self, name: str, level: int) -> tuple[dict[str, object], str]:
         """Sleep at level 1/2, or stop for 3. Without sleep mode (CPU), 1 and 2 fall back to a stop, said."""
         inst = self.instance(name)
-        note = ""
         if level in (1, 2) and not self.probe.supports_sleep:
             note = f"this engine has no sleep mode ({self.probe.kind} build): stopped instead (level 3)"
-            level = 3
+            return await self.stop(name), note
         if level == 3:
-            await self.stop(name)
-            return inst, note
+            return await self.stop(name), ""
         if inst.state is State.SLEEPING and inst.sleep_level == level:
-            return inst, "already asleep at that level"
-        if not await inst.sleep(level, self.settings.drain_timeout):
+            return inst.snapshot(), "already asleep at that level"
+        asleep, snapshot = await inst.sleep(level, self.settings.drain_timeout)
+        if not asleep:
             raise Conflict(f"{inst.name} still has {inst.in_flight} request(s) in flight; try again later")
-        return inst, note
+        return snapshot, ""
 
     # --- keep-alive (keep_alive.py) ------------------------------------------------------------------------
 

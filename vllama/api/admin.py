@@ -90,8 +90,7 @@ async def start(body: StartBody, request: Request) -> dict[str, Any]:
     m = manager_of(request)
     inst = m.instance(body.model)
     if body.wait:
-        await m.start(body.model)
-        return inst.snapshot()
+        return await m.start(body.model)
     task = asyncio.get_running_loop().create_task(m.start(body.model))
     m.background(task)
     # give the start a moment to be placed, so the answer carries the log path
@@ -104,14 +103,13 @@ async def start(body: StartBody, request: Request) -> dict[str, Any]:
 
 @router.post("/stop")
 async def stop(body: ModelRef, request: Request) -> dict[str, Any]:
-    inst = await manager_of(request).stop(body.model)
-    return inst.snapshot()
+    return await manager_of(request).stop(body.model)
 
 
 @router.post("/sleep")
 async def sleep(body: SleepBody, request: Request) -> dict[str, Any]:
-    inst, note = await manager_of(request).sleep(body.model, body.level)
-    return {**inst.snapshot(), "note": note}
+    snapshot, note = await manager_of(request).sleep(body.model, body.level)
+    return {**snapshot, "note": note}
 
 
 @router.post("/assign")

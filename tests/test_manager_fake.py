@@ -120,9 +120,27 @@ def attempts(daemon: Daemon, model: str) -> int:
     return sum(p.read_text().count("# vllama: ") for p in logs)
 
 
-def open_stream(c: httpx.Client, model: str, text: str, *, rate: float, max_tokens: int) -> Iterator[str]:
-    """Yield the SSE `data:` payloads of a streamed chat completion (paced at `rate` tokens/s)."""
-    body = chat_body(model, text, stream=True, fake_token_rate=rate, max_tokens=max_tokens)
+class Gate:
+    """A file the fake engine waits for (FAKE_ENGINE_START_GATE, FAKE_ENGINE_SLEEP_GATE, the "fake_hold" body
+    field): what it holds stays held, however slow the machine, until the test calls `open()`."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.path = daemon.home.parent / f"gate-{name}"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def open(self) -> None:
+        self.path.touch()
+
+
+def open_stream(
+    c: httpx.Client, model: str, text: str, *, rate: float, max_tokens: int, hold: Gate | None = None
+) -> Iterator[str]:
+    """Yield the SSE `data:` payloads of a streamed chat completion (paced at `rate` tokens/s; with `hold`, the
+    fake engine sends nothing after the first token until the gate is opened)."""
+    extra = {"fake_hold": str(hold)} if hold is not None else {}
+    body = chat_body(model, text, stream=True, fake_token_rate=rate, max_tokens=max_tokens, **extra)
     with c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -131,24 +149,27 @@ def open_stream(c: httpx.Client, model: str, text: str, *, rate: float, max_toke
 
 
 class Stream:
-    """A streamed chat completion consumed in a background thread: `started` once the first token arrived."""
+    """A streamed chat completion consumed in a background thread: `started` once the first token arrived. With
+    `hold`, it stays in flight after its first token until the gate is opened."""
 
-    def __init__(self, daemon: Daemon, model: str, text: str, *, rate: float, max_tokens: int) -> None:
+    def __init__(
+        self, daemon: Daemon, model: str, text: str, *, rate: float, max_tokens: int, hold: Gate | None = None
+    ) -> None:
         self.events: list[str] = []
         self.started = threading.Event()
-        self.done_at: float | None = None
-        self._model, self._text, self._rate, self._max_tokens = model, text, rate, max_tokens
+        self._model, self._text, self._rate, self._max_tokens, self._hold = model, text, rate, max_tokens, hold
         self._daemon = daemon
         self._pool = ThreadPoolExecutor(1)
         self.future: Future[None] = self._pool.submit(self._run)
 
     def _run(self) -> None:
         with self._daemon.client() as c:
-            for data in open_stream(c, self._model, self._text, rate=self._rate, max_tokens=self._max_tokens):
+            for data in open_stream(
+                c, self._model, self._text, rate=self._rate, max_tokens=self._max_tokens, hold=self._hold
+            ):
                 self.events.append(data)
                 if len(self.events) >= 2:  # the role chunk, then the first token
                     self.started.set()
-        self.done_at = time.monotonic()
 
     def wait_started(self, timeout: float = 10.0) -> None:
         assert self.started.wait(timeout), f"stream did not start: {self.future}"
@@ -240,27 +261,25 @@ def test_spec_scenario_lru_sleeps_then_wakes_with_reload(fake_daemon: Daemon) ->
 def test_eviction_does_not_stall_when_sleep_residue_is_underestimated(fake_daemon: Daemon) -> None:
     """A sleeping vLLM keeps more than VLLAMA_SLEEP_RESIDUAL_GIB guessed (1.4 vs 1.0 GiB, as on an H100): the
     eviction frees less than planned. vllama must notice at once (measure, re-plan), not wait out the memory
-    settle timeout (20 s) for memory that will never come."""
+    settle timeout for memory that will never come: with that timeout at an hour, such a wait is a hang (the
+    client gives up after 60 s) and the settle's "did not come back in time" warning."""
     fake_daemon.env |= {
         "FAKE_ENGINE_CONTEXT_GIB": "1.4",
         "VLLAMA_SLEEP_RESIDUAL_GIB": "1.0",
-        "VLLAMA_MEMORY_SETTLE_TIMEOUT": "20",
+        "VLLAMA_MEMORY_SETTLE_TIMEOUT": "3600",
     }
     fake_daemon.write_models({m: {"gpu_memory_gib": 3.5} for m in "ABC"})
     fake_daemon.start()
-    with fake_daemon.client() as c:
+    with fake_daemon.client(timeout=60) as c:
         assert_echo(chat(c, "A", "one"), "one")
         assert_echo(chat(c, "B", "two"), "two")
         # C: sleeping A was planned to free 2.5 GiB but frees 2.1, too little: B must go to sleep as well
-        t0 = time.monotonic()
         assert_echo(chat(c, "C", "three"), "three")
-        assert time.monotonic() - t0 < 5, "the eviction waited for memory that was never going to come back"
         assert states(c) == {"A": ("sleeping", 2), "B": ("sleeping", 2), "C": ("running", None)}
         # A again: putting C to sleep frees less than planned, but enough for A: no wait either
-        t0 = time.monotonic()
         assert_echo(chat(c, "A", "four"), "four")
-        assert time.monotonic() - t0 < 5
         assert states(c) == {"A": ("running", None), "B": ("sleeping", 2), "C": ("sleeping", 2)}
+        assert "did not come back in time" not in fake_daemon.log.read_text(errors="replace")
         assert sum(sum(per.values()) for per in ledger(fake_daemon).values()) <= 8 * GIB
 
 
@@ -298,22 +317,22 @@ async def test_concurrent_first_requests_start_one_engine(fake_daemon: Daemon) -
 
 
 def test_cold_start_does_not_block_other_models(fake_daemon: Daemon) -> None:
+    """The slow start is held (its port opens only once the gate is opened): every request for the other model
+    is answered meanwhile. Blocked behind the start, they would never be (the client gives up after 30 s)."""
+    gate = Gate(fake_daemon, "slow-start")
     fake_daemon.write_models(
-        {"fast": {"gpu_memory_gib": 3}, "slow": {"gpu_memory_gib": 3, "env": {"FAKE_ENGINE_STARTUP_S": "3"}}}
+        {"fast": {"gpu_memory_gib": 3}, "slow": {"gpu_memory_gib": 3, "env": {"FAKE_ENGINE_START_GATE": str(gate)}}}
     )
     fake_daemon.start()
-    with fake_daemon.client() as c, ThreadPoolExecutor(1) as pool:
+    with fake_daemon.client(timeout=30) as c, ThreadPoolExecutor(1) as pool:
         assert_echo(chat(c, "fast", "warm"), "warm")
         slow = pool.submit(lambda: chat_once(fake_daemon, "slow", "finally here"))
         wait_state(c, "slow", "starting")
-        t0 = time.monotonic()
         for i in range(5):
-            t = time.monotonic()
             assert_echo(chat(c, "fast", f"not blocked {i}"), f"not blocked {i}")
-            assert time.monotonic() - t < 1.5
-        assert time.monotonic() - t0 < 3.0
         assert ps(c)["slow"]["state"] == "starting", "the slow start should still be under way"
         assert not slow.done()
+        gate.open()
         assert_echo(slow.result(30), "finally here")
         assert states(c) == {"fast": ("running", None), "slow": ("running", None)}
 
@@ -353,10 +372,8 @@ def test_failed_start_is_reported_and_retried(fake_daemon: Daemon) -> None:
 
         # concurrent waiters on one failing start all get its 503; nobody hangs, one attempt only
         with ThreadPoolExecutor(6) as pool:
-            t0 = time.monotonic()
             futures = [pool.submit(chat_once, fake_daemon, "crowd", f"w {i}") for i in range(6)]
-            results = [f.result(30) for f in futures]
-        assert time.monotonic() - t0 < 15
+            results = [f.result(30) for f in futures]  # 30 s: a hang detector
         for r in results:
             assert "crowd boom" in assert_openai_error(r, 503, "model_unavailable")["message"]
         assert attempts(fake_daemon, "crowd") == 1
@@ -372,23 +389,27 @@ def test_failed_start_is_reported_and_retried(fake_daemon: Daemon) -> None:
 
 
 def test_sleep_waits_for_in_flight_stream(fake_daemon: Daemon) -> None:
+    """The stream is held after its first token (a gate): while it is, the model drains and the sleep is not
+    answered; once it ends, the sleep goes through (the fake engine refuses, with a crash, to sleep with a
+    request in flight)."""
     fake_daemon.write_models({"A": {"gpu_memory_gib": 3}})
     fake_daemon.start()
+    hold = Gate(fake_daemon, "stream")
     with fake_daemon.client() as c, ThreadPoolExecutor(1) as pool:
         assert_echo(chat(c, "A", "warm"), "warm")
-        stream = Stream(fake_daemon, "A", "a slow story", rate=10, max_tokens=15)  # ~1.5 s
+        stream = Stream(fake_daemon, "A", "a slow story", rate=10, max_tokens=15, hold=hold)
         stream.wait_started()
-        t0 = time.monotonic()
         sleep = pool.submit(lambda: post_once(fake_daemon, "/vllama/sleep", {"model": "A", "level": 1}))
-        wait_state(c, "A", "draining", timeout=2)
-        time.sleep(0.3)
+        m = wait_state(c, "A", "draining")
+        assert m["in_flight"] == 1
         assert not sleep.done(), "sleep returned while a stream was still in flight"
-        assert ps(c)["A"]["in_flight"] == 1
+        assert not stream.future.done()
+        assert engine_stats(m["port"]).items() >= {"in_flight": 1, "sleeping": False}.items()
+        hold.open()
         text = stream.result()
         assert text == expected_stream_text("a slow story", 15)
-        r = sleep.result(10)
+        r = sleep.result(30)
         assert r.status_code == 200, r.text
-        assert time.monotonic() - t0 > 0.9, "the sleep did not wait for the stream (~1.4 s left) to finish"
         assert r.json()["state"] == "sleeping" and r.json()["sleep_level"] == 1
         m = ps(c)["A"]
         assert (m["state"], m["sleep_level"], m["in_flight"]) == ("sleeping", 1, 0)
@@ -401,18 +422,24 @@ def test_sleep_waits_for_in_flight_stream(fake_daemon: Daemon) -> None:
 
 
 def test_request_during_sleep_waits_then_wakes(fake_daemon: Daemon) -> None:
-    fake_daemon.write_models({"A": {"gpu_memory_gib": 3, "env": {"FAKE_ENGINE_SLEEP_S": "1"}}})
+    """The engine's fall into sleep is held (a gate): a request that comes meanwhile is not answered while it
+    is; the sleep completes (the request does not cancel it), then the request wakes the model."""
+    gate = Gate(fake_daemon, "sleep")
+    fake_daemon.write_models({"A": {"gpu_memory_gib": 3, "env": {"FAKE_ENGINE_SLEEP_GATE": str(gate)}}})
     fake_daemon.start()
-    with fake_daemon.client() as c, ThreadPoolExecutor(1) as pool:
+    with fake_daemon.client() as c, ThreadPoolExecutor(2) as pool:
         assert_echo(chat(c, "A", "warm"), "warm")
         pid = ps(c)["A"]["pid"]
         sleep = pool.submit(lambda: post_once(fake_daemon, "/vllama/sleep", {"model": "A", "level": 2}))
-        wait_state(c, "A", "draining", timeout=2)  # the engine takes 1 s to fall asleep
-        t0 = time.monotonic()
-        r = chat(c, "A", "are you awake")
-        assert sleep.result(10).status_code == 200
-        assert_echo(r, "are you awake")  # a level-2 wake without the reload would answer ""
-        assert time.monotonic() - t0 > 0.3, "the request should have waited for the sleep to finish"
+        wait_state(c, "A", "draining")  # the engine is falling asleep until the gate opens
+        request = pool.submit(chat_once, fake_daemon, "A", "are you awake")
+        assert ps(c)["A"]["state"] == "draining"
+        assert not sleep.done() and not request.done(), "answered while the engine was still falling asleep"
+        gate.open()
+        slept = sleep.result(30)
+        assert slept.status_code == 200, slept.text
+        assert (slept.json()["state"], slept.json()["sleep_level"]) == ("sleeping", 2)
+        assert_echo(request.result(30), "are you awake")  # a level-2 wake without the reload would answer ""
         m = ps(c)["A"]
         assert (m["state"], m["pid"], m["in_flight"]) == ("running", pid, 0)
         assert engine_stats(m["port"])["sleeping"] is False
@@ -427,43 +454,64 @@ def test_busy_model_is_not_evicted_idle_one_is(fake_daemon: Daemon) -> None:
     with fake_daemon.client() as c:
         assert_echo(chat(c, "busy", "one"), "one")
         assert_echo(chat(c, "idle", "two"), "two")
-        stream = Stream(fake_daemon, "busy", "long answer", rate=10, max_tokens=30)  # ~3 s
+        hold = Gate(fake_daemon, "busy-stream")
+        stream = Stream(fake_daemon, "busy", "long answer", rate=10, max_tokens=30, hold=hold)  # held: in flight
         stream.wait_started()
         assert_echo(chat(c, "idle", "recent"), "recent")  # busy is now the least recently used
         assert_echo(chat(c, "newcomer", "make room"), "make room")
         assert not stream.future.done(), "the stream should still be going"
+        assert ps(c)["busy"]["in_flight"] == 1
         s = states(c)
         assert s == {"busy": ("running", None), "idle": ("sleeping", 2), "newcomer": ("running", None)}
+        hold.open()
         assert stream.result() == expected_stream_text("long answer", 30)
         assert ps(c)["busy"]["in_flight"] == 0
 
 
-def test_only_busy_models_hold_memory_wait_then_503_or_proceed(fake_daemon: Daemon) -> None:
-    fake_daemon.env["VLLAMA_CAPACITY_WAIT"] = "1.5"
+def test_only_busy_models_hold_memory_wait_then_503(fake_daemon: Daemon) -> None:
+    """Both models that hold the memory stream (held in flight by a gate) for longer than the capacity wait:
+    "third" waits that long for memory, then gets a clear 503 that says so and names the busy models."""
+    fake_daemon.env["VLLAMA_CAPACITY_WAIT"] = "1"
     fake_daemon.write_models({m: {"gpu_memory_gib": 3.5} for m in ("left", "right", "third")})
     fake_daemon.start()
-    with fake_daemon.client() as c:
+    hold = Gate(fake_daemon, "busy-streams")
+    with fake_daemon.client(timeout=60) as c:
         assert_echo(chat(c, "left", "one"), "one")
         assert_echo(chat(c, "right", "two"), "two")
-        # both streaming for ~3.5 s: "third" waits 1.5 s for memory, then gets a clear 503
-        streams = [Stream(fake_daemon, m, "busy", rate=10, max_tokens=35) for m in ("left", "right")]
+        streams = [Stream(fake_daemon, m, "busy", rate=10, max_tokens=35, hold=hold) for m in ("left", "right")]
         for st in streams:
             st.wait_started()
-        t0 = time.monotonic()
         err = assert_openai_error(chat(c, "third", "let me in"), 503, "insufficient_memory")
-        waited = time.monotonic() - t0
-        assert 1.2 < waited < 3.4, waited
+        assert err["message"].startswith("gave up after waiting 1 s: "), err  # the wait ran out, it did not fail
         assert "busy" in err["message"] and "left" in err["message"] and "right" in err["message"], err
         assert all(not st.future.done() for st in streams)
+        assert {m: ps(c)[m]["in_flight"] for m in ("left", "right")} == {"left": 1, "right": 1}
         assert states(c)["third"][0] in ("stopped", "error")
+        hold.open()
         for st in streams:
             assert st.result() == expected_stream_text("busy", 35)
+        assert all(m["in_flight"] == 0 for m in ps(c).values())
 
-        # short streams this time: "third" waits for them to drain, then evicts one and is answered
-        streams = [Stream(fake_daemon, m, "short", rate=10, max_tokens=6) for m in ("left", "right")]  # ~0.6 s
+
+def test_request_waits_for_busy_models_to_drain_then_proceeds(fake_daemon: Daemon) -> None:
+    """Only busy models hold the memory: "third" waits (the default capacity wait, 120 s, is far away) until
+    their streams end, then evicts one and is answered."""
+    fake_daemon.write_models({m: {"gpu_memory_gib": 3.5} for m in ("left", "right", "third")})
+    fake_daemon.start()
+    hold = Gate(fake_daemon, "short-streams")
+    with fake_daemon.client(timeout=60) as c, ThreadPoolExecutor(1) as pool:
+        assert_echo(chat(c, "left", "one"), "one")
+        assert_echo(chat(c, "right", "two"), "two")
+        streams = [Stream(fake_daemon, m, "short", rate=10, max_tokens=6, hold=hold) for m in ("left", "right")]
         for st in streams:
             st.wait_started()
-        assert_echo(chat(c, "third", "let me in"), "let me in")
+        third = pool.submit(chat_once, fake_daemon, "third", "let me in")
+        # the request arrived (it made vllama know "third") and waits for room: no start while both are busy
+        assert wait_for(lambda: ps(c).get("third"), what="third in ps")["state"] == "stopped"
+        assert not third.done(), "third was answered while both models that hold the memory were busy"
+        assert {m: ps(c)[m]["in_flight"] for m in ("left", "right")} == {"left": 1, "right": 1}
+        hold.open()
+        assert_echo(third.result(60), "let me in")
         for st in streams:
             assert st.result() == expected_stream_text("short", 6)
         s = states(c)
@@ -597,22 +645,21 @@ def test_client_disconnect_cancels_upstream(fake_daemon: Daemon) -> None:
                 got.append(data)
                 if len(got) == 3:
                     break  # closes the response mid-stream
-        t0 = time.monotonic()
-        wait_for(lambda: engine_stats(port)["cancelled"] == 1, 5, what="upstream cancel")
-        wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 5, what="vllama in_flight back to 0")
+        # cancelled, not run to its end (20 s away): 30 s is only a hang detector
+        wait_for(lambda: engine_stats(port)["cancelled"] == 1, 30, what="upstream cancel")
+        wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 30, what="vllama in_flight back to 0")
         assert engine_stats(port)["in_flight"] == 0
-        assert time.monotonic() - t0 < 5
+        assert engine_stats(port)["served"] == before["served"], "the abandoned stream was generated to its end"
 
         # a non-streamed answer sends nothing until it is complete: a client that gives up before then must
         # cancel it too (not leave it generating, and counted in flight, for nobody)
         with pytest.raises(httpx.ReadTimeout):
             body = chat_body("A", "too slow", fake_token_rate=5, max_tokens=100)
             httpx.post(f"{fake_daemon.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.7))
-        t0 = time.monotonic()
-        wait_for(lambda: engine_stats(port)["cancelled"] == 2, 5, what="upstream cancel (non-streamed)")
-        wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 5, what="vllama in_flight back to 0")
+        wait_for(lambda: engine_stats(port)["cancelled"] == 2, 30, what="upstream cancel (non-streamed)")
+        wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 30, what="vllama in_flight back to 0")
         assert engine_stats(port)["in_flight"] == 0
-        assert time.monotonic() - t0 < 5
+        assert engine_stats(port)["served"] == before["served"], "the abandoned answer was generated to its end"
         assert_echo(chat(c, "A", "still serving"), "still serving")
 
 
@@ -656,7 +703,7 @@ def test_keep_alive_ladder_and_pinned(fake_daemon: Daemon) -> None:
         assert_echo(chat(c, "kept", "hi"), "hi")
         idle_pid = ps(c)["idle"]["pid"]
         seen: list[tuple[str, int | None]] = []
-        deadline = time.monotonic() + 6
+        deadline = time.monotonic() + 60  # a hang detector: the ladder ends in about 1.5 s
         while time.monotonic() < deadline:
             st = states(c)["idle"]
             if not seen or seen[-1] != st:

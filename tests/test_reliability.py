@@ -5,7 +5,8 @@ another process takes, a crash loop. Daemon faults: SIGKILL (of vllama, and of v
 strays left on the port range, SIGTERM with a drain that runs out. Edge cases: a request that arrives while its
 model is being stopped, and admin commands on one model at the same time.
 
-Timing bounds are generous: the CI machine has 2 shared cores.
+No assertion depends on how long something took (the CI machine has 2 shared cores): what must still be going
+is held by a gate or is far from its end, and timeouts are only hang detectors.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import pytest
 
 from tests.conftest import FAKE_ENGINE, Daemon, processes_in_groups, wait_until_gone
 from tests.test_manager_fake import (
+    Gate,
     Stream,
     assert_echo,
     assert_openai_error,
     attempts,
     chat,
     chat_body,
+    chat_once,
     engine_stats,
     expected_stream_text,
     ledger,
@@ -75,7 +78,7 @@ class RawStream:
     """An open streamed chat completion on its own connection; read it with `read_events`."""
 
     def __init__(self, daemon: Daemon, model: str, text: str, *, rate: float, max_tokens: int) -> None:
-        self.client = httpx.Client(base_url=daemon.url, timeout=httpx.Timeout(30, read=15))
+        self.client = httpx.Client(base_url=daemon.url, timeout=30)  # a hang detector
         body = chat_body(model, text, stream=True, fake_token_rate=rate, max_tokens=max_tokens)
         self.r = self.client.send(self.client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
         assert self.r.status_code == 200, self.r.read()
@@ -124,10 +127,8 @@ def test_child_sigkilled_mid_stream_ends_with_error_event_others_unaffected(fake
             first = read_events(stream, 3)
             assert all("error" not in json.loads(e) for e in first)
             group = group_of(ps(c)["victim"]["pid"])
-            t0 = time.monotonic()
             os.killpg(group, signal.SIGKILL)
-            rest = read_events(stream)
-            assert time.monotonic() - t0 < 5, "the stream hung after its child died"
+            rest = read_events(stream)  # a stream that hung after its child died would time out reading
         assert rest, "the stream ended without telling the client"
         assert rest[-1] != "[DONE]", "a cut stream must not look complete"
         err = json.loads(rest[-1])["error"]
@@ -148,8 +149,9 @@ def test_child_sigkilled_mid_stream_ends_with_error_event_others_unaffected(fake
         with ThreadPoolExecutor(1) as pool:
             body = chat_body("victim", "not streamed") | {"max_tokens": 10, "fake_token_rate": 5}  # ~2 s
             slow = pool.submit(post_once, fake_daemon, "/v1/chat/completions", body)
-            wait_for(lambda: ps(c)["victim"]["in_flight"] == 1, 5, what="request in flight")
-            time.sleep(0.3)
+            wait_for(lambda: ps(c)["victim"]["in_flight"] == 1, 30, what="request in flight")
+            port = ps(c)["victim"]["port"]
+            wait_for(lambda: engine_stats(port)["in_flight"] == 1, 30, what="the child answering it")
             os.killpg(group_of(ps(c)["victim"]["pid"]), signal.SIGKILL)
             r = slow.result(30)
         if r.status_code == 502:
@@ -193,17 +195,14 @@ def test_child_hanging_at_start_times_out_with_503_and_its_group_killed(fake_dae
     )
     fake_daemon.start()
     with fake_daemon.client() as c, ThreadPoolExecutor(1) as pool:
-        t0 = time.monotonic()
         pending = pool.submit(post_once, fake_daemon, "/v1/chat/completions", chat_body("hangs", "anyone there"))
-        m = wait_state(c, "hangs", "starting", timeout=5)
+        m = wait_state(c, "hangs", "starting", timeout=30)
         group = group_of(m["pid"])
         assert_echo(chat(c, "fine", "not blocked"), "not blocked")  # another model is unaffected meanwhile
-        r = pending.result(30)
-        waited = time.monotonic() - t0
+        r = pending.result(60)
         err = assert_openai_error(r, 503, "model_unavailable")
-        assert "did not become ready within 2 s" in err["message"], err
+        assert "did not become ready within 2 s" in err["message"], err  # it ran out the start timeout
         assert str(fake_daemon.home / "logs") in err["message"], err
-        assert 1.8 < waited < 15, waited
         assert not wait_until_gone({group}, 5), "the hung child's process group outlived its start timeout"
         m = ps(c)["hangs"]
         assert m["state"] == "error" and m["pid"] is None and m["in_flight"] == 0, m
@@ -234,12 +233,12 @@ class _Squatter(BaseHTTPRequestHandler):
 
 def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
     lo, _ = port_range(fake_daemon)
-    slow = {"FAKE_ENGINE_STARTUP_S": "1.5"}  # a window between vllama's port pick and the child's bind
+    # the child binds only once its gate is opened: the squatter takes the port first, then opens it
+    gates = {m: Gate(fake_daemon, f"start-{m}") for m in ("raced", "answered")}
     fake_daemon.write_models(
         {
             "first": {"gpu_memory_gib": 1},
-            "raced": {"gpu_memory_gib": 1, "env": slow},
-            "answered": {"gpu_memory_gib": 1, "env": slow},
+            **{m: {"gpu_memory_gib": 1, "env": {"FAKE_ENGINE_START_GATE": str(g)}} for m, g in gates.items()},
         }
     )
     fake_daemon.start()
@@ -256,10 +255,11 @@ def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
             assert ps(c)["first"]["port"] != lo
 
         def squat_when_launched(model: str, serve_http: bool) -> threading.Thread:
-            """Take the child's port right after vllama picked it (its log file appears) and before it binds."""
+            """Take the child's port after vllama picked it (its log file appears) and before it binds (its
+            start gate is still closed), then let the child go on."""
 
             def run() -> None:
-                deadline = time.monotonic() + 20
+                deadline = time.monotonic() + 60  # a hang detector
                 while time.monotonic() < deadline:
                     found = list(logs.glob(f"{model}_*.log"))
                     if found:
@@ -273,6 +273,7 @@ def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
                             s.bind(("127.0.0.1", port))
                             s.listen()
                             squatters.append(s)
+                        gates[model].open()
                         return
                     time.sleep(0.005)
 
@@ -284,7 +285,7 @@ def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
             # 2. a bare socket takes the port: the child exits with "address already in use" → another port
             t = squat_when_launched("raced", serve_http=False)
             assert_echo(chat(c, "raced", "despite the race"), "despite the race")
-            t.join(5)
+            t.join(30)
             taken = squatters[-1].getsockname()[1]
             assert ps(c)["raced"]["port"] != taken
             assert attempts(fake_daemon, "raced") == 2
@@ -293,7 +294,7 @@ def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
             # 3. an HTTP server takes it and answers the health check: vllama must not adopt it
             t = squat_when_launched("answered", serve_http=True)
             r = chat(c, "answered", "not the squatter")
-            t.join(5)
+            t.join(30)
             assert_echo(r, "not the squatter")
             taken = squatters[-1].server_address[1]
             m = ps(c)["answered"]
@@ -387,9 +388,10 @@ def test_crash_loop_leaks_nothing(fake_daemon: Daemon) -> None:
         for i in range(4, 4 + CRASH_ROUNDS):
             one_round(i)
         figures["seconds"] = round(time.monotonic() - t0, 1)
-        # let the last closed connections and reaped processes settle
-        time.sleep(0.5)
-        fds_after = me.num_fds()
+        # the last closed connections and reaped processes settle: wait for the count (30 s: a hang detector)
+        deadline = time.monotonic() + 30
+        while (fds_after := me.num_fds()) > fds_before + 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
         s = ps(c)
         figures |= {"rounds": CRASH_ROUNDS, "fds": (fds_before, fds_after), "rss": (rss_before, me.memory_info().rss)}
         assert s["loop"]["state"] == "running" and s["steady"]["pid"] == steady_pid
@@ -515,19 +517,21 @@ def test_restarted_daemon_reports_strays_and_skips_their_ports(fake_daemon: Daem
 
 
 def test_sigterm_stops_accepting_drains_bounded_and_stops_children(fake_daemon: Daemon) -> None:
-    fake_daemon.env["VLLAMA_SHUTDOWN_GRACE"] = "2"
+    """After SIGTERM: new connections are refused, a request in flight that ends within the grace is let
+    finish (held until the test lets it go, well within the grace), one that would not (300 s) is cut."""
+    fake_daemon.env["VLLAMA_SHUTDOWN_GRACE"] = "5"
     fake_daemon.write_models({"A": {"gpu_memory_gib": 2}, "B": {"gpu_memory_gib": 2}})
     fake_daemon.start()
     with fake_daemon.client() as c:
         assert_echo(chat(c, "A", "hi"), "hi")
         assert_echo(chat(c, "B", "hi"), "hi")
     groups = fake_daemon.child_groups()
-    short = Stream(fake_daemon, "B", "finishes in time", rate=10, max_tokens=8)  # ~0.8 s: drained
-    long = RawStream(fake_daemon, "A", "too long", rate=5, max_tokens=300)  # 60 s: cut after the grace
+    hold = Gate(fake_daemon, "short")
+    short = Stream(fake_daemon, "B", "finishes in time", rate=0, max_tokens=8, hold=hold)  # drained
+    long = RawStream(fake_daemon, "A", "too long", rate=1, max_tokens=300)  # 300 s: cut after the grace
     read_events(long, 2)
     short.wait_started()
     assert fake_daemon.proc is not None
-    t0 = time.monotonic()
     fake_daemon.proc.send_signal(signal.SIGTERM)
 
     def refused() -> bool:
@@ -539,15 +543,17 @@ def test_sigterm_stops_accepting_drains_bounded_and_stops_children(fake_daemon: 
             return False
         return False
 
-    wait_for(refused, 5, what="new connections refused after SIGTERM")
-    assert fake_daemon.proc.poll() is None, "vllama should still be draining"
+    wait_for(refused, 30, what="new connections refused after SIGTERM")
+    assert fake_daemon.proc.poll() is None, "vllama should still be draining (a stream is held in flight)"
+    assert not short.future.done()
+    hold.open()
     assert short.result() == expected_stream_text("finishes in time", 8)
+    rest: list[str] = []
     with long, contextlib.suppress(httpx.HTTPError):
-        read_events(long)
-    assert fake_daemon.proc.wait(30) == 0
-    took = time.monotonic() - t0
-    assert 1.5 < took < 20, took
-    assert not wait_until_gone(groups, 5)
+        rest = read_events(long)
+    assert "[DONE]" not in rest, "the long stream was waited for: the drain after SIGTERM is not bounded"
+    assert fake_daemon.proc.wait(60) == 0  # the grace is 5 s, the long stream 300 s: 60 s is a hang detector
+    assert not wait_until_gone(groups, 30)
     assert ledger(fake_daemon) == {}
 
 
@@ -555,37 +561,47 @@ def test_sigterm_stops_accepting_drains_bounded_and_stops_children(fake_daemon: 
 
 
 def test_request_while_model_is_being_stopped_waits_then_starts_it(fake_daemon: Daemon) -> None:
-    fake_daemon.env["VLLAMA_STOP_TIMEOUT"] = "1.5"
-    slow_stop = {"FAKE_ENGINE_IGNORE_SIGTERM": "1"}  # the stop takes the whole grace (then SIGKILL)
+    fake_daemon.env["VLLAMA_STOP_TIMEOUT"] = "3600"
+    slow_stop = {"FAKE_ENGINE_IGNORE_SIGTERM": "1"}  # the stop lasts until the test SIGKILLs the child
     fake_daemon.write_models({"A": {"gpu_memory_gib": 3, "env": slow_stop}, "B": {"gpu_memory_gib": 3}})
     fake_daemon.start()
     with fake_daemon.client() as c, ThreadPoolExecutor(2) as pool:
-        # 1. while it is stopping (the process is going away)
+        # 1. while it is stopping (the process is going away, and still answers: it ignores SIGTERM)
         assert_echo(chat(c, "A", "warm"), "warm")
         old = ps(c)["A"]["pid"]
         stop = pool.submit(post_once, fake_daemon, "/vllama/stop", {"model": "A"})
-        wait_state(c, "A", "stopping", timeout=5)
-        t0 = time.monotonic()
-        r = chat(c, "A", "are you there")
-        assert_echo(r, "are you there")
-        assert time.monotonic() - t0 > 0.5, "the request should have waited for the stop"
-        assert stop.result(10).json()["state"] == "stopped"
+        wait_state(c, "A", "stopping", timeout=30)
+        request = pool.submit(chat_once, fake_daemon, "A", "are you there")
+        assert ps(c)["A"]["state"] == "stopping"
+        assert not request.done() and not stop.done(), "answered while the old child was still being stopped"
+        os.killpg(group_of(old), signal.SIGKILL)  # the stop ends
+        assert stop.result(30).json()["state"] == "stopped"
+        assert_echo(request.result(30), "are you there")
         m = ps(c)["A"]
         assert m["state"] == "running" and m["pid"] != old and m["in_flight"] == 0
+        # what the new child served: its warm-up completion after the start, and the request
+        assert engine_stats(m["port"])["served"] == 2, "the request was not served by the new child"
 
         # 2. while it is draining for a stop (a stream in flight): the stream completes, then the new request
         # starts it again
-        stream = Stream(fake_daemon, "B", "let me finish", rate=10, max_tokens=12)  # ~1.2 s
+        hold = Gate(fake_daemon, "let-me-finish")
+        stream = Stream(fake_daemon, "B", "let me finish", rate=10, max_tokens=12, hold=hold)  # held in flight
         stream.wait_started()
         old = ps(c)["B"]["pid"]
         stop = pool.submit(post_once, fake_daemon, "/vllama/stop", {"model": "B"})
-        wait_state(c, "B", "draining", timeout=5)
+        wait_state(c, "B", "draining", timeout=30)
         late = pool.submit(post_once, fake_daemon, "/v1/chat/completions", chat_body("B", "after the stop"))
+        assert not stop.done() and not late.done(), "answered while a stream was still in flight"
+        hold.open()
         assert stream.result() == expected_stream_text("let me finish", 12)
-        assert stop.result(10).json()["state"] == "stopped"
-        assert_echo(late.result(15), "after the stop")
+        assert stop.result(30).json()["state"] == "stopped"
+        assert_echo(late.result(30), "after the stop")
         m = ps(c)["B"]
         assert m["state"] == "running" and m["pid"] != old and m["in_flight"] == 0
+
+        # A's new child ignores SIGTERM too: end it here, or the daemon's shutdown would wait the hour for it
+        os.killpg(group_of(ps(c)["A"]["pid"]), signal.SIGKILL)
+        wait_state(c, "A", "error", timeout=30)
 
 
 def test_concurrent_admin_commands_on_one_model_never_interleave(fake_daemon: Daemon) -> None:

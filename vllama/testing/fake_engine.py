@@ -18,10 +18,15 @@ Environment knobs:
   FAKE_ENGINE_NEED_GIB       memory need per device, overriding U × total
   FAKE_ENGINE_CONTEXT_GIB    residue held per device while asleep (default 0.5)
   FAKE_ENGINE_STARTUP_S      seconds before the memory check and the port opening (default 0.5)
+  FAKE_ENGINE_START_GATE     a file path: the port opens only once that file exists (checked after the memory
+                             check and claim): a test holds a start for as long as it needs, then creates it
   FAKE_ENGINE_SLEEP_S        duration of /sleep (default 0.05)
+  FAKE_ENGINE_SLEEP_GATE     a file path: /sleep finishes (falls asleep and answers) only once that file exists
   FAKE_ENGINE_WAKE_S         duration of each /wake_up (default 0.1)
   FAKE_ENGINE_TOKEN_RATE     tokens/s per request, 0 = unpaced (default; body field "fake_token_rate" wins)
   FAKE_ENGINE_TTFT_S         delay before the first token (default 0; body field "fake_ttft_s" wins)
+  body field "fake_hold"     a file path: the answer stops after its first token (not streamed: is not sent)
+                             until that file exists, so a test knows the request is still in flight
   FAKE_ENGINE_EMBED_DIM      embedding size (default 16)
   FAKE_ENGINE_FAIL           fail at startup with this message (exit 1)
   FAKE_ENGINE_HANG           never open the port (to test start timeouts; SIGTERM still ends it)
@@ -82,6 +87,19 @@ DONE = b"data: [DONE]\n\n"
 
 def log(msg: str, level: str = "INFO") -> None:
     print(f"{level} {time.strftime('%m-%d %H:%M:%S')} [fake_engine.py] {msg}", flush=True)
+
+
+GATE_POLL_S = 0.02
+
+
+def gate_open(path: str | None) -> bool:
+    """Whether the gate file `path` exists (no gate: always open)."""
+    return not path or os.path.exists(path)
+
+
+async def wait_gate(path: str | None) -> None:
+    while not gate_open(path):  # noqa: ASYNC110 (a file another process creates: polled)
+        await asyncio.sleep(GATE_POLL_S)
 
 
 def env_float(name: str, default: float) -> float:
@@ -211,6 +229,7 @@ class FakeEngine:
         self.wake_s = env_float("FAKE_ENGINE_WAKE_S", 0.1)
         self.token_rate = env_float("FAKE_ENGINE_TOKEN_RATE", 0.0)
         self.ttft = env_float("FAKE_ENGINE_TTFT_S", 0.0)
+        self.sleep_gate = os.environ.get("FAKE_ENGINE_SLEEP_GATE") or None
         self.dim = int(env_float("FAKE_ENGINE_EMBED_DIM", 16))
         self.awake = asyncio.Event()  # clear while asleep (or falling asleep): inference waits on it
         self.awake.set()
@@ -336,6 +355,7 @@ class FakeEngine:
         stop = [stop] if isinstance(stop, str) else stop
         rate = float(body.get("fake_token_rate", self.token_rate))
         ttft = float(body.get("fake_ttft_s", self.ttft))
+        hold = str(body["fake_hold"]) if body.get("fake_hold") else None
         await self.awake.wait()  # a request to a sleeping engine hangs until someone wakes it
 
         words, finish, tokens = ["echo:", *prompt.split()], "length", []
@@ -357,11 +377,13 @@ class FakeEngine:
             if (body.get("stream_options") or {}).get("include_usage"):
                 tail += head + b'"choices":[],"usage":' + dumps(usage(prompt_tokens, len(tokens))) + b"}\n\n"
             pre, post = (head + CHAT_PRE, CHAT_POST) if chat else (head + TEXT_PRE, TEXT_POST)
-            return await self._stream(request, head + ROLE_CHUNK if chat else b"", pre, post, tokens, tail, rate, ttft)
+            first = head + ROLE_CHUNK if chat else b""
+            return await self._stream(request, first, pre, post, tokens, tail, rate, ttft, hold)
 
         pause = ttft + (max(len(tokens) - 1, 0) / rate if rate > 0 else 0.0)
         if pause > 0:
             await asyncio.sleep(pause)
+        await wait_gate(hold)
         text = "".join(tokens)
         choice: Body = {"index": 0, "logprobs": None, "finish_reason": finish, "stop_reason": None}
         if chat:
@@ -376,9 +398,10 @@ class FakeEngine:
 
     async def _stream(
         self, request: web.Request, first: bytes, pre: bytes, post: bytes, tokens: list[str], tail: bytes,
-        rate: float, ttft: float,
+        rate: float, ttft: float, hold: str | None,
     ) -> web.StreamResponse:  # fmt: skip
-        """SSE like vLLM: `first` (chat: the role), a chunk per token, `tail` (finish, usage), [DONE]."""
+        """SSE like vLLM: `first` (chat: the role), a chunk per token, `tail` (finish, usage), [DONE]. With a
+        `hold` gate, nothing after the first token is sent until the gate opens (pacing restarts there)."""
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         loop = asyncio.get_running_loop()
@@ -392,6 +415,9 @@ class FakeEngine:
                 if rate > 0 and (delay := start + i / rate - loop.time()) > 0:
                     await asyncio.sleep(delay)
                 await response.write(pre + dumps(token) + post)
+                if i == 0 and not gate_open(hold):
+                    await wait_gate(hold)
+                    start = loop.time()  # the next token one gap after the release
             await response.write(tail + DONE)
             await response.write_eof()
         except ConnectionResetError as e:  # the client went away mid-stream: stop generating, quietly
@@ -460,6 +486,7 @@ class FakeEngine:
             self.awake.clear()
             t0 = time.monotonic()
             await asyncio.sleep(self.sleep_s)
+            await wait_gate(self.sleep_gate)
             self.ledger.hold(self.residue)
             self.asleep_tags, self.level = {"weights", "kv_cache"}, int(level)
             self.weights_ok = self.weights_ok and level == "1"
@@ -543,6 +570,11 @@ def load(args: argparse.Namespace, ledger: Ledger) -> dict[int, int]:
                         "reduce GPU memory used by other processes."
                     )
             ledger.hold(need)
+    gate = os.environ.get("FAKE_ENGINE_START_GATE")
+    if not gate_open(gate):
+        log(f"waiting for {gate} before opening the port (FAKE_ENGINE_START_GATE)")
+        while not gate_open(gate):
+            time.sleep(GATE_POLL_S)
     log("Loading weights took 0.01 GiB and 0.01 seconds")
     log(f"Available KV cache memory: {max(need.values()) / GIB:.2f} GiB")
     return need

@@ -4,6 +4,7 @@ and shell completion."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import queue
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -146,11 +148,21 @@ def test_start_on_a_terminal_shows_a_progress_line(daemon: Daemon) -> None:
     assert text.rstrip().splitlines()[-1].strip().startswith("B is running on port")
 
 
+def sigint_ignored() -> None:
+    """In the child before exec: SIGINT ignored, as a non-interactive shell leaves it for a job it starts in the
+    background (how the test suite may well run): `vllama logs -f` must end on Ctrl-C all the same."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_logs_follow(daemon: Daemon) -> None:
     ok(daemon, "start", "C")
     env = {**daemon.env, "VLLAMA_URL": daemon.url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllama", "logs", "C", "-f", "-n", "2"], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "vllama", "logs", "C", "-f", "-n", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_ignored,
     )
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
@@ -167,18 +179,77 @@ def test_logs_follow(daemon: Daemon) -> None:
         return sum(text in line for line in seen)
 
     try:
-        wait_for(lambda: saw(str(ps_rows(daemon)["C"]["log"])), timeout=20)  # the header: "# <log path>"
+        # the timeouts here are hang detectors: every line waited for is already in the log
+        wait_for(lambda: saw(str(ps_rows(daemon)["C"]["log"])), timeout=60)  # the header: "# <log path>"
         ok(daemon, "sleep", "C", "--level", "1")  # the fake engine logs how long it took to fall asleep
-        wait_for(lambda: saw("to fall asleep"), timeout=10)
+        wait_for(lambda: saw("to fall asleep"), timeout=60)
         started = count("Application startup complete")
         ok(daemon, "stop", "C")
         ok(daemon, "start", "C")  # a restart: its lines are followed too
-        wait_for(lambda: count("Application startup complete") > started, timeout=15)
+        wait_for(lambda: count("Application startup complete") > started, timeout=60)
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(10)
+        try:
+            code = proc.wait(30)  # at once, in fact: 30 s only tells a hang
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("`vllama logs -f` did not end on SIGINT") from None
     assert code == 0  # Ctrl-C ends it quietly
+
+
+class _StuckLogs(BaseHTTPRequestHandler):
+    """A daemon whose first /vllama/logs answer comes at once and whose next ones never come (until the test
+    ends): `vllama logs -f` is then waiting for an HTTP answer."""
+
+    waiting = threading.Event()
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if "offset=" in self.path:  # a poll of the follow loop
+            type(self).waiting.set()
+            type(self).release.wait(120)
+            return
+        body = json.dumps({"log": "/tmp/C_1.log", "lines": "an old line\n", "offset": 12}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_logs_follow_ctrl_c_while_waiting_for_the_daemon() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StuckLogs)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLAMA_")} | {"VLLAMA_URL": url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllama", "logs", "C", "-f"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_ignored,
+    )
+    try:
+        assert _StuckLogs.waiting.wait(60), "the follow loop never polled"
+        proc.send_signal(signal.SIGINT)  # it is waiting for an answer that would take its whole 30 s timeout
+        try:
+            out, err = proc.communicate(timeout=30)  # at once, in fact: 30 s only tells a hang
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("`vllama logs -f` did not end on SIGINT while waiting for the daemon") from None
+    finally:
+        _StuckLogs.release.set()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, err  # ended by Ctrl-C, quietly: not by the client's timeout (an error, exit 1)
+    assert out.splitlines()[:2] == ["# /tmp/C_1.log", "an old line"]
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_run_one_prompt(daemon: Daemon) -> None:
@@ -207,8 +278,15 @@ def test_shell_completion(daemon: Daemon) -> None:
     if not vllama.exists():
         pytest.skip("the vllama console script is not installed next to this Python")
     env = {**daemon.env, "VLLAMA_URL": daemon.url}
-    script = subprocess.run([vllama, "--show-completion", "bash"], env=env, capture_output=True, text=True).stdout
-    assert "complete -o default -F _vllama_completion vllama" in script
+    # `--show-completion` takes no shell name: it writes the script for the shell it finds among its ancestor
+    # processes (shellingham), i.e. for whatever started the test run — with `sh -c "pytest ..."` that is sh,
+    # which typer does not support: nothing on stdout. As a user does, ask for it from a bash (its child, not
+    # exec'd: the `exit` that follows keeps bash in between).
+    shown = subprocess.run(
+        ["bash", "-c", '"$0" --show-completion; exit $?', vllama], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "complete -o default -F _vllama_completion vllama" in shown.stdout, (shown.stdout, shown.stderr)
     env["_VLLAMA_COMPLETE"] = "complete_bash"
     for words, expected in (
         ("vllama sta", ["start"]),
@@ -216,7 +294,6 @@ def test_shell_completion(daemon: Daemon) -> None:
         ("vllama logs B", ["B"]),
     ):
         cword = str(len(words.split()) - (0 if words.endswith(" ") else 1))
-        result = subprocess.run(
-            [vllama], env={**env, "COMP_WORDS": words, "COMP_CWORD": cword}, capture_output=True, text=True
-        )
+        env_words = {**env, "COMP_WORDS": words, "COMP_CWORD": cword}
+        result = subprocess.run([vllama], env=env_words, capture_output=True, text=True, timeout=120)
         assert result.stdout.split() == expected, (words, result.stdout, result.stderr)

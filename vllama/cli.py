@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import unicodedata
@@ -317,26 +318,36 @@ def logs(
     url: str = URL_OPTION,
 ) -> None:
     """Print the end of MODEL's vLLM log (-f: and follow it, across restarts)."""
+    if follow:
+        # Ctrl-C ends it at once, whatever it is doing (between polls, or waiting for the daemon's answer), also
+        # where SIGINT came in ignored: a job that a non-interactive shell starts in the background gets it so,
+        # and Python then installs no KeyboardInterrupt handler of its own
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     client = _client(url)
-    data = client.logs(model, lines)
-    typer.echo(f"# {data['log']}")
-    typer.echo(data["lines"])
-    if not follow:
-        return
-    path, offset = data["log"], int(data.get("offset") or 0)
     try:
-        while True:
-            time.sleep(0.5)
-            new = client.logs_from(model, offset)
-            if new["log"] != path:  # restarted: a new log file
-                path = new["log"]
-                typer.echo(f"# {path}")
-                new = client.logs_from(model, 0)
-            offset = new["offset"]
-            if new["lines"]:
-                typer.echo(new["lines"], nl=False)
+        data = client.logs(model, lines)
+        typer.echo(f"# {data['log']}")
+        typer.echo(data["lines"])
+        if follow:
+            _follow_log(client, model, data["log"], int(data.get("offset") or 0))
     except KeyboardInterrupt:
+        if not follow:
+            raise
         return
+
+
+def _follow_log(client: Client, model: str, path: str, offset: int) -> None:
+    """Print the log's new lines as they come, forever (until Ctrl-C); a restart's new log file is followed."""
+    while True:
+        time.sleep(0.5)
+        new = client.logs_from(model, offset)
+        if new["log"] != path:  # restarted: a new log file
+            path = new["log"]
+            typer.echo(f"# {path}")
+            new = client.logs_from(model, 0)
+        offset = new["offset"]
+        if new["lines"]:
+            typer.echo(new["lines"], nl=False)
 
 
 @app.command()

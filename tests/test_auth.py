@@ -152,6 +152,22 @@ def test_daemon_openai_routes_need_the_key(daemon: Daemon) -> None:
         assert USER not in json.dumps(child_env) and ADMIN not in json.dumps(child_env)
 
 
+def test_daemon_with_a_key_starts_only_configured_models(daemon: Daemon) -> None:
+    # issue 16: VLLAMA_ALLOW_MODELS=auto restricts a keyed daemon to models.yaml's names (and patterns)
+    with httpx.Client(base_url=daemon.url, timeout=60, headers=bearer(USER)) as c:
+        for name in ("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"):
+            err = assert_openai_error(
+                c.post("/v1/chat/completions", json={**CHAT, "model": name}), 403, "model_not_allowed"
+            )
+            assert name in err["message"] and "VLLAMA_ALLOW_MODELS" in err["message"] and "A" in err["message"]
+        r = c.post("/api/chat", json={"model": "Qwen/Qwen3-0.6B", "messages": []})
+        assert r.status_code == 403 and "VLLAMA_ALLOW_MODELS" in r.json()["error"]
+        assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "model": "/"}), 404, "model_not_found")
+    with httpx.Client(base_url=daemon.url, timeout=60, headers=bearer(ADMIN)) as c:
+        assert c.post("/vllama/start", json={"model": "Qwen/Qwen3-0.6B"}).status_code == 403
+        assert "Qwen/Qwen3-0.6B" not in {m["model"] for m in c.get("/vllama/ps").json()["models"]}
+
+
 def test_daemon_with_the_official_openai_client(daemon: Daemon) -> None:
     with openai.OpenAI(base_url=f"{daemon.url}/v1", api_key=USER, max_retries=0, timeout=60) as client:
         answer = client.chat.completions.create(

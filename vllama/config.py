@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllama.errors import ConfigError
+from vllama.model_access import AllowModels, parse_allow_models
 
 GIB = 1024**3
 
@@ -197,7 +198,8 @@ class ModelConfig(BaseModel):
 
     @property
     def source(self) -> str | None:
-        return self.model
+        """What vLLM loads: `model`, with `~` expanded (vLLM's argv goes through no shell)."""
+        return os.path.expanduser(self.model) if self.model else None
 
     @property
     def tp(self) -> int:
@@ -450,6 +452,9 @@ class Settings:
     # memory auto-sizing (vllama/sizing.py) for models without an explicit memory setting
     auto_memory: bool = False
     auto_memory_sequences: int = 4  # KV cache for this many sequences of max_model_len
+    # which unconfigured model names a request may start (vllama/model_access.py); auto: none with an API key
+    allow_models: AllowModels = field(default_factory=AllowModels)
+    start_backoff: float = 10.0  # first delay before a failed start is tried again by a request (doubles, 0 = off)
 
     @property
     def models_path(self) -> Path:
@@ -498,6 +503,8 @@ class Settings:
             "memory_settle_timeout": _env_value("VLLAMA_MEMORY_SETTLE_TIMEOUT", seconds),
             "shutdown_grace": _env_value("VLLAMA_SHUTDOWN_GRACE", seconds),
             "sleep_residual_gib": _env_value("VLLAMA_SLEEP_RESIDUAL_GIB", _number(0, 1024, unit="GiB")),
+            "allow_models": _env_value("VLLAMA_ALLOW_MODELS", parse_allow_models),
+            "start_backoff": _env_value("VLLAMA_START_BACKOFF", _number(0, 3600, unit="seconds")),
             # below 0.1 s the keep-alive pass would spin on the event loop
             "keep_alive_interval": _env_value("VLLAMA_KEEP_ALIVE_INTERVAL", _number(0.1, 86400, unit="seconds")),
         }

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,13 +33,13 @@ from vllama.errors import ConfigError, Conflict, ModelNotFound, ModelUnavailable
 from vllama.gpu import GpuProbe
 from vllama.instance import Instance, State
 from vllama.metrics import Metrics
+from vllama.model_access import StartBackoff, unconfigured_source
 from vllama.pool import WarmPool
 from vllama.sizing import Sizing, size_model
 
 log = logging.getLogger("vllama")
 T = TypeVar("T")
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEFAULT_CUDA_UTILIZATION = 0.9  # vLLM's own default
 PORT_RETRIES = 3  # launches again on another port when the picked one was taken before vLLM bound it
 
@@ -59,16 +58,6 @@ def cached_hf_models() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name[len("models--") :].replace("--", "/") for p in root.glob("models--*") if p.is_dir())
-
-
-def _is_local_path(name: str) -> bool:
-    """An absolute or ~ path that exists (a request may name any string: "~nobody", NUL bytes...)."""
-    if not name.startswith(("/", "~")):
-        return False
-    try:
-        return Path(name).expanduser().exists()
-    except (RuntimeError, ValueError, OSError):  # no such user's home, an embedded NUL, a name too long
-        return False
 
 
 class Manager:
@@ -90,6 +79,7 @@ class Manager:
         # the last evictions (capacity and keep-alive), newest last, for `ps`, `info` and the status page
         self.recent_evictions: deque[dict[str, Any]] = deque(maxlen=50)
         self.metrics = Metrics()
+        self.start_backoff = StartBackoff(settings.start_backoff)  # issue 16: no retry storm of a failing start
         self.metrics.bind(self)
         self.started_at = time.time()
         self.closing = False
@@ -199,14 +189,11 @@ class Manager:
             return canonical, cfg
         if canonical in self.instances:
             return canonical, self.instances[canonical].cfg
-        if _HF_ID.match(name) or _is_local_path(name):
-            return name, ModelConfig()
-        known = ", ".join(sorted(models.models)) or "none configured"
-        raise ModelNotFound(
-            f"model {name!r} is not configured in {self.settings.models_path}, is not a local path and not a "
-            f"Hugging Face id (org/name). Configured models: {known}",
-            param="model",
-        )
+        # issue 16: whether an unconfigured name may start (VLLAMA_ALLOW_MODELS) is vllama/model_access.py's call
+        known = ", ".join(sorted(models.models)) or f"none ({self.settings.models_path} configures none)"
+        keyed = bool(self.settings.api_key or self.settings.admin_api_key)
+        source = unconfigured_source(name, self.settings.allow_models, has_api_key=keyed, configured=known)
+        return name, ModelConfig() if source == name else ModelConfig(model=source)
 
     def instance(self, name: object) -> Instance:
         canonical, cfg = self.resolve(name)
@@ -252,7 +239,14 @@ class Manager:
             if inst.state is State.ERROR and inst.failed_attempts != attempts_seen and inst.last_error:
                 # the attempt we waited for failed: share its error instead of retrying once per waiter
                 raise ModelUnavailable(inst.last_error)
-            await self._bring_up(inst)
+            if inst.state is State.ERROR:  # issue 16: a start that just failed is not retried (evicting) at once
+                self.start_backoff.check(inst.name, self.clock())
+            try:
+                await self._bring_up(inst)
+            finally:
+                self.start_backoff.record(
+                    inst.name, failed=inst.state is State.ERROR, message=inst.last_error, now=self.clock()
+                )
             if not inst.try_acquire():
                 raise ModelUnavailable(inst.last_error or f"{inst.name} is {inst.state.value}")
             return inst
@@ -595,7 +589,12 @@ class Manager:
         inst = self.instance(name)
         async with inst.lock:
             if inst.state is not State.RUNNING:
-                await self._bring_up(inst)
+                try:
+                    await self._bring_up(inst)
+                finally:  # issue 16: an explicit start is never held back, but counts for requests' back-off
+                    self.start_backoff.record(
+                        inst.name, failed=inst.state is State.ERROR, message=inst.last_error, now=self.clock()
+                    )
         return inst
 
     async def stop(self, name: str) -> Instance:

@@ -87,7 +87,7 @@ def test_paths_that_are_not_models_are_404(name: str) -> None:
     with pytest.raises(ModelNotFound) as info:
         _source(name)
     assert not isinstance(info.value, ModelNotAllowed)
-    assert info.value.status_code == 404 and "Configured" in info.value.message
+    assert info.value.status_code == 404 and "Configured" in info.value.message and info.value.param == "model"
 
 
 @pytest.mark.parametrize("name", ["llama", "a/b/c", "-x/y", "../x", "org/", ""])

@@ -117,11 +117,14 @@ def unconfigured_source(name: str, allow: AllowModels, *, has_api_key: bool, con
     if _is_path(name):
         real = _real(name)
         if real is None or not os.path.exists(real):
-            raise ModelNotFound(f"model {name!r} is not configured and no such path exists. Configured: {configured}")
+            raise ModelNotFound(
+                f"model {name!r} is not configured and no such path exists. Configured: {configured}", param="model"
+            )
         if not looks_like_model(real):
             raise ModelNotFound(
                 f"model {name!r} is a path but not a model: a local model is a folder with a config.json (or "
-                f"params.json, or a .gguf file) or a .gguf file. Configured models: {configured}"
+                f"params.json, or a .gguf file) or a .gguf file. Configured models: {configured}",
+                param="model",
             )
         source = os.path.expanduser(name)  # vLLM gets no shell: `~` must be expanded here
     elif HF_ID.match(name):
@@ -129,13 +132,15 @@ def unconfigured_source(name: str, allow: AllowModels, *, has_api_key: bool, con
     else:
         raise ModelNotFound(
             f"model {name!r} is not configured, is not a local path and not a Hugging Face id (org/name). "
-            f"Configured models: {configured}"
+            f"Configured models: {configured}",
+            param="model",
         )
     if allow.restricted(has_api_key=has_api_key) and not any(_pattern_allows(name, real, p) for p in allow.patterns):
         raise ModelNotAllowed(
             f"model {name!r} is not configured, and this vllama starts only the models of models.yaml"
             + (f" and those matching {', '.join(allow.patterns)}" if allow.patterns else "")
-            + f" (VLLAMA_ALLOW_MODELS={allow.describe()}). Configured models: {configured}"
+            + f" (VLLAMA_ALLOW_MODELS={allow.describe()}). Configured models: {configured}",
+            param="model",
         )
     return source
 

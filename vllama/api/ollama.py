@@ -31,10 +31,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from vllama import __version__
+from vllama.api.openai import startable_cached_models
 from vllama.config import KeepAlive, ModelConfig, parse_duration
 from vllama.errors import BadRequest, Conflict, ModelNotFound, PayloadTooLarge, UpstreamError, VllamaError
 from vllama.instance import Instance, State
-from vllama.manager import Manager, cached_hf_models, hf_cache_dir
+from vllama.manager import Manager, hf_cache_dir
 
 router = APIRouter()
 
@@ -759,7 +760,7 @@ async def tags(request: Request) -> Json:
     """Every model vllama can serve: configured, requested so far, and in the local Hugging Face cache."""
     m = manager_of(request)
     models = m.models
-    names = list(dict.fromkeys([*models.models, *m.instances, *cached_hf_models()]))
+    names = list(dict.fromkeys([*models.models, *m.instances, *startable_cached_models(m)]))
     try:
         fallback = m.settings.models_path.stat().st_mtime
     except OSError:

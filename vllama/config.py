@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllama.errors import ConfigError
+from vllama.model_access import AllowModels, parse_allow_models
 
 GIB = 1024**3
 
@@ -197,7 +198,8 @@ class ModelConfig(BaseModel):
 
     @property
     def source(self) -> str | None:
-        return self.model
+        """What vLLM loads: `model`, with `~` expanded (vLLM's argv goes through no shell)."""
+        return os.path.expanduser(self.model) if self.model else None
 
     @property
     def tp(self) -> int:
@@ -360,18 +362,42 @@ def _flag(raw: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+_YEAR_S = 365 * 86400.0
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be 1 or more")
-    return value
+def _plain(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _number(
+    low: float, high: float, *, above: bool = False, unit: str = "", integer: bool = False
+) -> Callable[[str], Any]:
+    """A parser of one number in [low, high] (or (low, high] with `above`); anything else (nan, inf, out of
+    range, not a number) is a ValueError that states the allowed range, for the message naming the variable."""
+    kind = "a whole number" if integer else "a number"
+    allowed = f"{kind}{' of ' + unit if unit else ''} {'>' if above else '>='} {_plain(low)} and <= {_plain(high)}"
+
+    def parse(raw: str) -> Any:
+        try:
+            value: float = int(raw) if integer else float(raw)
+        except ValueError:
+            raise ValueError(f"not {kind}; allowed: {allowed}") from None
+        if not math.isfinite(value) or value > high or value < low or (above and value == low):
+            raise ValueError(f"out of range; allowed: {allowed}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"allowed: {', '.join(choices)}")
+        return value
+
+    return parse
 
 
 def _keep_alive(raw: str) -> KeepAlive:
@@ -433,6 +459,9 @@ class Settings:
     # memory auto-sizing (vllama/sizing.py) for models without an explicit memory setting
     auto_memory: bool = False
     auto_memory_sequences: int = 4  # KV cache for this many sequences of max_model_len
+    # which unconfigured model names a request may start (vllama/model_access.py); auto: none with an API key
+    allow_models: AllowModels = field(default_factory=AllowModels)
+    start_backoff: float = 10.0  # first delay before a failed start is tried again by a request (doubles, 0 = off)
 
     @property
     def models_path(self) -> Path:
@@ -449,43 +478,54 @@ class Settings:
         env = os.environ
         if "VLLAMA_HOST" in env:
             s.host = env["VLLAMA_HOST"]
+        # every number has a range, and a value outside it is refused at start with the variable and the range:
+        # e.g. a keep-alive interval of 0 would be a busy loop, a NaN wait never ends or never waits
+        seconds = _number(0, _YEAR_S, unit="seconds")
+        gib = _number(0, 1 << 20, above=True, unit="GiB")
         parsed: dict[str, Any] = {
-            "port": _env_value("VLLAMA_PORT", int),
+            "port": _env_value("VLLAMA_PORT", _number(1, 65535, integer=True)),
             "port_range": _env_value("VLLAMA_PORT_RANGE", _port_range),
             "vllm_command": _env_value("VLLAMA_VLLM_COMMAND", str.split)
             or _env_value("VLLAMA_VLLM_PYTHON", lambda p: [p, "-m", "vllm.entrypoints.openai.api_server"]),
-            "gpu_probe": _env_value("VLLAMA_GPU_PROBE", str),
-            "cpu_memory_gib": _env_value("VLLAMA_CPU_MEMORY_GIB", float),
-            "cpu_default_model_gib": _env_value("VLLAMA_CPU_DEFAULT_MODEL_GIB", float),
+            "gpu_probe": _env_value("VLLAMA_GPU_PROBE", _choice("auto", "nvml", "cpu", "fake")),
+            "cpu_memory_gib": _env_value("VLLAMA_CPU_MEMORY_GIB", gib),
+            "cpu_default_model_gib": _env_value("VLLAMA_CPU_DEFAULT_MODEL_GIB", gib),
             "fake_gpu_ledger": _env_value("VLLAMA_FAKE_GPU_LEDGER", Path),
-            "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [float(x) for x in v.split(",")]),
+            "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [gib(x) for x in v.split(",")]),
             "keep_alive": _env_value("VLLAMA_KEEP_ALIVE", _keep_alive),
-            "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", int),
-            "pool_size": _env_value("VLLAMA_POOL_SIZE", _non_negative_int),
+            "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", _number(1, 1 << 40, integer=True, unit="bytes")),
+            "pool_size": _env_value("VLLAMA_POOL_SIZE", _number(0, 64, integer=True)),
             "pool_fork": _env_value("VLLAMA_POOL_FORK", _flag),
             "pool_modules": _env_value(
                 "VLLAMA_POOL_MODULES", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())
             ),
             "auto_memory": _env_value("VLLAMA_AUTO_MEMORY", _flag),
-            "auto_memory_sequences": _env_value("VLLAMA_AUTO_MEMORY_SEQUENCES", _positive_int),
+            "auto_memory_sequences": _env_value("VLLAMA_AUTO_MEMORY_SEQUENCES", _number(1, 65536, integer=True)),
             "api_key": _secret_env("VLLAMA_API_KEY"),
             "admin_api_key": _secret_env("VLLAMA_ADMIN_API_KEY"),
+            "startup_timeout": _env_value("VLLAMA_STARTUP_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")),
+            "drain_timeout": _env_value("VLLAMA_DRAIN_TIMEOUT", seconds),
+            "stop_timeout": _env_value("VLLAMA_STOP_TIMEOUT", seconds),
+            "capacity_wait": _env_value("VLLAMA_CAPACITY_WAIT", seconds),
+            "memory_settle_timeout": _env_value("VLLAMA_MEMORY_SETTLE_TIMEOUT", seconds),
+            "shutdown_grace": _env_value("VLLAMA_SHUTDOWN_GRACE", seconds),
+            "sleep_residual_gib": _env_value("VLLAMA_SLEEP_RESIDUAL_GIB", _number(0, 1024, unit="GiB")),
+            "allow_models": _env_value("VLLAMA_ALLOW_MODELS", parse_allow_models),
+            "start_backoff": _env_value("VLLAMA_START_BACKOFF", _number(0, 3600, unit="seconds")),
+            # below 0.1 s the keep-alive pass would spin on the event loop
+            "keep_alive_interval": _env_value("VLLAMA_KEEP_ALIVE_INTERVAL", _number(0.1, 86400, unit="seconds")),
+            "transition_timeout": _env_value(
+                "VLLAMA_TRANSITION_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")
+            ),
+            "response_timeout": _env_value("VLLAMA_RESPONSE_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")),
+            "host_memory_gib": _env_value("VLLAMA_HOST_MEMORY_GIB", _number(0, 1 << 20, unit="GiB")),
         }
-        for name in (
-            "startup_timeout",
-            "drain_timeout",
-            "stop_timeout",
-            "capacity_wait",
-            "memory_settle_timeout",
-            "shutdown_grace",
-            "sleep_residual_gib",
-            "keep_alive_interval",
-            "transition_timeout",
-            "response_timeout",
-            "host_memory_gib",
-        ):
-            parsed[name] = _env_value(f"VLLAMA_{name.upper()}", float)
         for key, value in [*parsed.items(), *overrides.items()]:
             if value is not None:
                 setattr(s, key, value)
+        # the command line's values (overrides) are checked like the environment's
+        if not 1 <= s.port <= 65535:
+            raise ConfigError(f"port {s.port} is invalid (--port / VLLAMA_PORT): allowed: 1 to 65535")
+        if s.log_level.lower() not in _LOG_LEVELS:
+            raise ConfigError(f"log level {s.log_level!r} is invalid (--log-level): allowed: {', '.join(_LOG_LEVELS)}")
         return s

@@ -29,6 +29,7 @@ from vllama.gpu import GpuProbe
 from vllama.instance import Instance, Reservation, State
 from vllama.keep_alive import KeepAliveLoop, expires_at, ladder_for
 from vllama.metrics import Metrics
+from vllama.model_access import StartBackoff
 from vllama.placement import Placement, default_host_budget
 from vllama.pool import WarmPool
 from vllama.registry import Registry
@@ -74,7 +75,8 @@ class Manager:
             fork=settings.pool_fork,
             modules=settings.pool_modules,
         )
-        self.registry = Registry(settings.models_path, self._new_instance)
+        self.registry = Registry(settings, self._new_instance)
+        self.start_backoff = StartBackoff(settings.start_backoff)  # no retry storm of a failing start
         host_budget = (
             int(settings.host_memory_gib * GIB) if settings.host_memory_gib is not None else default_host_budget()
         )
@@ -213,6 +215,12 @@ class Manager:
     def changed(self) -> None:
         self.placement.changed()
 
+    def check_start_backoff(self, inst: Instance) -> None:
+        self.start_backoff.check(inst.name, self.clock())
+
+    def record_start(self, inst: Instance, ok: bool) -> None:
+        self.start_backoff.record(inst.name, failed=not ok, message=inst.last_error, now=self.clock())
+
     def _taken_ports(self) -> set[int]:
         """Ports of running children and of strays: a new launch picks another."""
         taken = {i.engine.port for i in self.instances.values() if i.engine is not None}
@@ -240,8 +248,9 @@ class Manager:
     # --- admin operations ----------------------------------------------------------------------------------
 
     async def start(self, name: str) -> dict[str, object]:
-        """Start or wake `name`; its `ps` row once running."""
-        return await self.instance(name).bring_up()
+        """Start or wake `name` (at once, even while requests back off after a failed start); its `ps` row once
+        running."""
+        return await self.instance(name).bring_up(backoff=False)
 
     async def stop(self, name: str) -> dict[str, object]:
         """Stop `name` after its in-flight requests (Conflict if they do not finish); its row once stopped."""

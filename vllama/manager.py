@@ -296,6 +296,7 @@ class Manager:
                 gpu_memory_utilization=inst.gpu_memory_utilization,
                 logs_dir=self.settings.logs_dir,
                 sleep_mode=self.probe.supports_sleep,
+                cuda_ids=self.probe.cuda_ids(inst.devices),  # issue 13: vllama's device numbers → NVML indices
             )
             # memory auto-sizing: vLLM's KV cache gets exactly the estimated size (vllama/sizing.py)
             sized = self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices))
@@ -392,7 +393,7 @@ class Manager:
             cfg.source or name,
             extra_args=cfg.extra_args,
             max_model_len=cfg.max_model_len,
-            tp=cfg.tp,
+            tp=cfg.device_count,
             sequences=cfg.auto_memory_sequences or self.settings.auto_memory_sequences,
             device_total=total,
             device_kind=self.probe.kind,
@@ -473,31 +474,39 @@ class Manager:
         return out
 
     def _demand(self, inst: Instance, devices: tuple[int, ...] | None, waking: bool) -> scheduler.Demand:
+        """issue 13: the need is per candidate device: a fraction (gpu_memory_utilization, or vLLM's default)
+        stays a fraction, which the policy applies to each device's own total; bytes (gpu_memory_gib, an
+        auto-sizing estimate, a sleeper's memory) stay bytes."""
+        if waking:
+            return scheduler.Demand(
+                name=inst.name, need=inst.need, tp=inst.cfg.device_count, devices=devices,
+                held=inst.asleep_held, waking=True,
+            )  # fmt: skip
         totals = {d.index: d.total for d in self.probe.devices()}
         candidates = devices if devices is not None else tuple(totals)
-        need, _ = self.need_for(inst.cfg, max(totals.get(d, 0) for d in candidates) if candidates else 0, inst.name)
-        if waking:
-            need = inst.need
-        return scheduler.Demand(
-            name=inst.name,
-            need=need,
-            tp=inst.cfg.tp,
-            devices=devices,
-            held=inst.asleep_held if waking else 0,
-        )
+        largest = max(totals.get(d, 0) for d in candidates) if candidates else 0
+        need, util = self.need_for(inst.cfg, largest, inst.name)
+        sized = self.sizing_for(inst.name, inst.cfg, largest)
+        in_bytes = inst.cfg.gpu_memory_gib is not None or (sized is not None and sized.estimate is not None)
+        fraction = util if self.probe.kind == "cuda" and not in_bytes else None
+        return scheduler.Demand(name=inst.name, need=need, tp=inst.cfg.device_count, devices=devices, fraction=fraction)
 
     async def _choose_devices(self, inst: Instance) -> tuple[int, ...]:
         async with self.placement_lock:
             devices, residents = self.memory_view()
             plan = scheduler.plan_placement(
-                devices, residents, self._demand(inst, None, False), can_sleep=self.probe.supports_sleep
+                devices,
+                residents,
+                self._demand(inst, None, False),
+                can_sleep=self.probe.supports_sleep,
+                links=self.probe.links,
             )
         if isinstance(plan, scheduler.Placement):
             return plan.devices
         if not plan.wait:
             raise NoCapacity(plan.reason)
-        # everything is busy: wait on the devices a fixed-device plan would use, the first combination
-        return tuple(sorted(d.index for d in devices)[: inst.cfg.tp])
+        # everything is busy: wait on the devices where busy models hold the room it needs
+        return plan.devices or tuple(sorted(d.index for d in devices)[: inst.cfg.device_count])
 
     async def _make_room_and_reserve(self, inst: Instance, devices: tuple[int, ...], waking: bool) -> None:
         """Evict (one step at a time, re-reading real memory after each) until `inst` fits on `devices`, then
@@ -510,15 +519,18 @@ class Manager:
                 demand = self._demand(inst, devices, waking)
                 plan = scheduler.plan_placement(device_view, residents, demand, can_sleep=self.probe.supports_sleep)
                 if isinstance(plan, scheduler.Placement):
+                    # issue 13: what must be free on each device, from each device's own total
+                    needs = demand.needs({d.index: d.total for d in device_view}, devices)
                     if not plan.evictions:
                         if waking:
                             inst.begin_wake()
                         else:
                             total = min(d.total for d in device_view if d.index in devices)
                             _, util = self.need_for(inst.cfg, total, inst.name)
-                            inst.reserve_start(devices, demand.need, util)
+                            # one number per instance: the largest (a larger device of the set needs more)
+                            inst.reserve_start(devices, max(needs.values()), util)
                         return
-                    wanted = {d: demand.need - demand.held for d in devices}
+                    wanted = {d: n - demand.held for d, n in needs.items()}
                     await self._evict(plan.evictions[0], for_model=inst.name, wanted=wanted)
                     continue
                 if not plan.wait:
@@ -707,6 +719,8 @@ class Manager:
             {
                 "index": d.index,
                 "name": raw[d.index].name,
+                "uuid": raw[d.index].uuid,  # issue 13: which GPU of the host this is
+                "nvml_index": raw[d.index].physical,
                 "kind": self.probe.kind,
                 "total_bytes": d.total,
                 "free_bytes": raw[d.index].free,

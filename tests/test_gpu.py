@@ -11,6 +11,7 @@ from vllama.config import ModelConfig, Settings, parse_models
 from vllama.engine import build_launch
 from vllama.errors import ConfigError
 from vllama.gpu import GIB, LedgerProbe, PhysicalGpu, device_selection, fake_uuid, select_devices, write_ledger
+from vllama.pool import launch_template
 
 UUIDS = ["GPU-1111aaaa-0000-0000-0000-000000000000", "GPU-2222bbbb-0000-0000-0000-000000000000",
          "GPU-2222cccc-0000-0000-0000-000000000000"]  # fmt: skip
@@ -195,3 +196,10 @@ def test_parallel_sizes_and_devices(entry: dict[str, object], tp: int, pp: int, 
 def test_parallel_sizes_that_disagree_with_devices(entry: dict[str, object], words: list[str]) -> None:
     msg = models_error(entry)
     assert "'m'" in msg and all(w in msg for w in words), msg
+
+
+def test_warm_pool_spares_see_only_vllamas_gpus(tmp_path: Path) -> None:
+    probe = LedgerProbe(tmp_path, [8 * GIB, 8 * GIB, 8 * GIB], selection="2,1")
+    settings = Settings(home=tmp_path)
+    spec = launch_template("m", ModelConfig(tensor_parallel_size=2), settings, "cuda", True, probe.cuda_ids)
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,1"

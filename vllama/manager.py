@@ -106,6 +106,7 @@ class Manager:
             device_kind=probe.kind,
             fork=settings.pool_fork,
             modules=settings.pool_modules,
+            cuda_ids=probe.cuda_ids,  # issue 13: spares see only vllama's GPUs
         )
 
     # --- lifecycle of the manager itself ---------------------------------------------------------------------

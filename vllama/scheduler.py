@@ -128,7 +128,11 @@ def plan_placement(
     if demand.devices is not None:
         unknown = [i for i in demand.devices if i not in by_index]
         if unknown:
-            return Blocked(f"device(s) {unknown} do not exist (have {sorted(by_index)})", wait=False)
+            return Blocked(
+                f"device(s) {unknown} do not exist (have {sorted(by_index)}: vllama numbers its GPUs from 0 in "
+                "the order of VLLAMA_DEVICES or CUDA_VISIBLE_DEVICES)",
+                wait=False,
+            )
         candidates = [tuple(demand.devices)]
     else:
         if demand.tp > len(by_index):

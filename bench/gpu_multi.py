@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import StepReport, exit_on_sigterm, start_daemon  # noqa: E402
+from bench.common import StepReport, exit_on_sigterm, signal_and_wait, start_daemon  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 REQUEST_TIMEOUT = 600.0  # a cold start through vllama (plain spawn, no warm spare) takes up to ~140 s
@@ -203,19 +203,11 @@ class Multi(StepReport):
                 return dict(procs)
             time.sleep(0.5)
 
-    def check(self, what: str, ok: bool) -> None:
-        self.report.setdefault("checks", {})[what] = ok
-        self.log(f"- {'PASS' if ok else 'FAIL'}: {what}")
-
     # --- stopping -----------------------------------------------------------------------------------------
 
     def stop_daemon(self, sig: int) -> float:
         assert self.daemon is not None
-        t0 = time.perf_counter()
-        self.daemon.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.daemon.wait(120)
-        return round(time.perf_counter() - t0, 2)
+        return signal_and_wait(self.daemon, sig)
 
     def clean_up(self) -> None:
         """Whatever happened: stop vllama, then kill what its guards still run (only this run's: a guard names

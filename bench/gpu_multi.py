@@ -95,6 +95,8 @@ class Multi(StepReport):
             self.base_env["VLLAMA_GPU_PROBE"] = "nvml"
         self.vllm_args = [*shlex.split(os.environ.get("VLLAMA_GPU_BUNDLE_ARGS", "")), "--enforce-eager"]
         self.report["gpus"] = [{"nvml_index": d.index, "name": d.name, "uuid": d.uuid} for d in self.host.devices()]
+        # what NVML's peer-to-peer status says (vllama prefers these pairs for tensor parallelism)
+        self.report["nvlink_pairs"] = sorted(sorted(pair) for pair in self.host.links)
 
     # --- vllama ---------------------------------------------------------------------------------------------
 

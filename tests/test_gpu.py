@@ -3,6 +3,7 @@ index or UUID, MIG refused; the fake probe maps physical GPUs to vllama's device
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,16 @@ import pytest
 from vllama.config import ModelConfig, Settings, parse_models
 from vllama.engine import build_launch
 from vllama.errors import ConfigError
-from vllama.gpu import GIB, LedgerProbe, PhysicalGpu, device_selection, fake_uuid, select_devices, write_ledger
+from vllama.gpu import (
+    GIB,
+    LedgerProbe,
+    NvmlProbe,
+    PhysicalGpu,
+    device_selection,
+    fake_uuid,
+    select_devices,
+    write_ledger,
+)
 from vllama.pool import launch_template
 
 UUIDS = ["GPU-1111aaaa-0000-0000-0000-000000000000", "GPU-2222bbbb-0000-0000-0000-000000000000",
@@ -203,3 +213,62 @@ def test_warm_pool_spares_see_only_vllamas_gpus(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     spec = launch_template("m", ModelConfig(tensor_parallel_size=2), settings, "cuda", True, probe.cuda_ids)
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,1"
+
+
+class _StubNvml:
+    """Just enough of pynvml for NvmlProbe: three GPUs (GPU 2 in MIG mode), NVLink between GPUs 0 and 1, and a
+    process on GPUs 0 and 1."""
+
+    NVML_DEVICE_MIG_ENABLE = 1
+    NVML_P2P_CAPS_INDEX_NVLINK = 7
+    NVML_P2P_STATUS_OK = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 3
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        return UUIDS.index(uuid)
+
+    def nvmlDeviceGetUUID(self, h: int) -> bytes:
+        return UUIDS[h].encode()
+
+    def nvmlDeviceGetName(self, h: int) -> str:
+        return "H100"
+
+    def nvmlDeviceGetMigMode(self, h: int) -> list[int]:
+        if h == 0:
+            raise self.NVMLError("not supported")
+        return [1 if h == 2 else 0, 0]
+
+    def nvmlDeviceGetP2PStatus(self, a: int, b: int, cap: int) -> int:
+        return 0 if {a, b} == {0, 1} and cap == 7 else 1
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> object:
+        return type("Mem", (), {"total": 80 * GIB, "free": (80 - 10 * h) * GIB})()
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[object]:
+        return [type("Proc", (), {"pid": 42, "usedGpuMemory": (h + 1) * GIB})()] if h < 2 else []
+
+
+def test_nvml_probe_maps_the_selection_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", _StubNvml())
+    probe = NvmlProbe(f"1,{UUIDS[0][:12]}", "CUDA_VISIBLE_DEVICES")
+    assert [(d.index, d.physical, d.uuid, d.free) for d in probe.devices()] == [
+        (0, 1, UUIDS[1], 70 * GIB),
+        (1, 0, UUIDS[0], 80 * GIB),
+    ]
+    assert probe.process_memory() == {42: {0: 2 * GIB, 1: 1 * GIB}}  # by vllama's numbers
+    assert probe.cuda_ids([0, 1]) == ["1", "0"]
+    assert probe.links == {frozenset((0, 1))}
+    assert [d.physical for d in NvmlProbe(None).devices()] == [0, 1]  # GPU 2 is in MIG mode: left out
+    with pytest.raises(ConfigError, match="MIG mode"):
+        NvmlProbe("2")

@@ -36,6 +36,11 @@ class StepReport:
         print(json.dumps(entry), flush=True)
         self.flush()
 
+    def check(self, what: str, ok: bool) -> None:
+        """Record a named pass/fail check (the report's "checks") and log it."""
+        self.report.setdefault("checks", {})[what] = ok
+        self.log(f"- {'PASS' if ok else 'FAIL'}: {what}")
+
     def flush(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{self.stem}.json").write_text(json.dumps(self.report, indent=2))
@@ -52,6 +57,15 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def signal_and_wait(proc: subprocess.Popen[bytes], sig: int, timeout: float = 120.0) -> float:
+    """Send `sig` to a process and wait (bounded) for it to exit; the seconds it took."""
+    t0 = time.perf_counter()
+    proc.send_signal(sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    return round(time.perf_counter() - t0, 2)
 
 
 def start_daemon(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import StepReport, exit_on_sigterm, first_token, start_daemon, wait_healthy  # noqa: E402
+from bench.common import StepReport, exit_on_sigterm, first_token, signal_and_wait, start_daemon, wait_healthy  # noqa: E402
 from vllama.gpu import GIB, LedgerProbe, NvmlProbe  # noqa: E402
 
 MODELS = ("A", "B", "C")
@@ -125,16 +125,9 @@ class Run(StepReport):
     def child_url(self, model: str) -> str:
         return f"http://127.0.0.1:{self.ps()[model]['port']}"
 
-    def check(self, what: str, ok: bool) -> None:
-        self.report.setdefault("checks", {})[what] = ok
-        self.log(f"- {'PASS' if ok else 'FAIL'}: {what}")
-
     def stop_daemon(self, sig: int) -> float:
         assert self.daemon is not None
-        t0 = time.perf_counter()
-        self.daemon.send_signal(sig)
-        self.daemon.wait(120)
-        return time.perf_counter() - t0
+        return signal_and_wait(self.daemon, sig)
 
     def our_gpu_processes(self, timeout: float = 30.0) -> dict[str, float]:
         """GPU processes left (waiting up to `timeout` for them to go)."""

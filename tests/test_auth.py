@@ -111,8 +111,13 @@ def test_bad_key_in_the_environment_is_refused_without_echoing_it(tmp_path: Any)
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    hub = tmp_path_factory.mktemp("hub")
+    for cached in ("Qwen/Qwen3-0.6B", "org/allowed-model"):  # a local Hugging Face cache with two models
+        (hub / ("models--" + cached.replace("/", "--")) / "snapshots" / "0").mkdir(parents=True)
     d = new_fake_daemon(
         tmp_path_factory.mktemp("auth"),
+        HF_HUB_CACHE=str(hub),
+        VLLAMA_ALLOW_MODELS="org/allowed-*",
         VLLAMA_STOP_TIMEOUT="5",
         FAKE_ENGINE_STARTUP_S="0.1",
         VLLAMA_API_KEY=USER,
@@ -150,6 +155,26 @@ def test_daemon_openai_routes_need_the_key(daemon: Daemon) -> None:
         child_env = psutil.Process(row["pid"]).environ()
         assert "VLLAMA_API_KEY" not in child_env and "VLLAMA_ADMIN_API_KEY" not in child_env
         assert USER not in json.dumps(child_env) and ADMIN not in json.dumps(child_env)
+
+
+def test_daemon_with_a_key_starts_only_configured_models(daemon: Daemon) -> None:
+    # issue 16: VLLAMA_ALLOW_MODELS restricts this daemon to models.yaml's names and `org/allowed-*`
+    with httpx.Client(base_url=daemon.url, timeout=60, headers=bearer(USER)) as c:
+        for name in ("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"):
+            err = assert_openai_error(
+                c.post("/v1/chat/completions", json={**CHAT, "model": name}), 403, "model_not_allowed"
+            )
+            assert name in err["message"] and "VLLAMA_ALLOW_MODELS" in err["message"] and "A" in err["message"]
+        r = c.post("/api/chat", json={"model": "Qwen/Qwen3-0.6B", "messages": []})
+        assert r.status_code == 403 and "VLLAMA_ALLOW_MODELS" in r.json()["error"]
+        assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "model": "/"}), 404, "model_not_found")
+        # the listings show only what may start: configured, and the cache's models that match the patterns
+        listed = {m["id"] for m in c.get("/v1/models").json()["data"]}
+        assert "A" in listed and "org/allowed-model" in listed and "Qwen/Qwen3-0.6B" not in listed
+        assert "Qwen/Qwen3-0.6B" not in {m["name"] for m in c.get("/api/tags").json()["models"]}
+    with httpx.Client(base_url=daemon.url, timeout=60, headers=bearer(ADMIN)) as c:
+        assert c.post("/vllama/start", json={"model": "Qwen/Qwen3-0.6B"}).status_code == 403
+        assert "Qwen/Qwen3-0.6B" not in {m["model"] for m in c.get("/vllama/ps").json()["models"]}
 
 
 def test_daemon_with_the_official_openai_client(daemon: Daemon) -> None:

@@ -313,6 +313,12 @@ def test_serve_refuses_invalid_yaml_and_env(tmp_path: Path) -> None:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "VLLAMA_PORT_RANGE" in result.stderr and "Traceback" not in result.stderr
 
+    # issue 16: a number out of its range is refused at start, naming the variable and the range
+    result = run_serve(tmp_path, VLLAMA_KEEP_ALIVE_INTERVAL="0")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "VLLAMA_KEEP_ALIVE_INTERVAL='0'" in result.stderr and ">= 0.1 and <= 86400" in result.stderr
+    assert "Traceback" not in result.stderr
+
 
 def test_ps_table_aligns_wide_characters() -> None:
     from vllama.cli import _format_ps, _width

@@ -373,6 +373,69 @@ def test_settings_bad_env_is_a_config_error_naming_the_variable(
 
 
 @pytest.mark.parametrize(
+    ("var", "value", "allowed"),
+    [
+        ("VLLAMA_KEEP_ALIVE_INTERVAL", "0", ">= 0.1 and <= 86400"),  # a busy loop
+        ("VLLAMA_CAPACITY_WAIT", "nan", ">= 0 and <= 31536000"),
+        ("VLLAMA_CAPACITY_WAIT", "inf", ">= 0 and <= 31536000"),
+        ("VLLAMA_STARTUP_TIMEOUT", "-5", "> 0 and <= 31536000"),
+        ("VLLAMA_STARTUP_TIMEOUT", "0", "> 0 and <= 31536000"),
+        ("VLLAMA_DRAIN_TIMEOUT", "-1", ">= 0"),
+        ("VLLAMA_STOP_TIMEOUT", "1e400", ">= 0"),
+        ("VLLAMA_MEMORY_SETTLE_TIMEOUT", "-0.5", ">= 0"),
+        ("VLLAMA_SHUTDOWN_GRACE", "nan", ">= 0"),
+        ("VLLAMA_MAX_BODY_BYTES", "-1", "whole number of bytes >= 1 and"),
+        ("VLLAMA_MAX_BODY_BYTES", "1.5", "whole number of bytes >= 1 and"),
+        ("VLLAMA_PORT", "99999", ">= 1 and <= 65535"),
+        ("VLLAMA_PORT", "0", ">= 1 and <= 65535"),
+        ("VLLAMA_SLEEP_RESIDUAL_GIB", "-3", "GiB >= 0 and <= 1024"),
+        ("VLLAMA_CPU_MEMORY_GIB", "0", "GiB > 0"),
+        ("VLLAMA_CPU_DEFAULT_MODEL_GIB", "nan", "GiB > 0"),
+        ("VLLAMA_FAKE_GPU_TOTAL_GIB", "8,-1", "GiB > 0"),
+        ("VLLAMA_POOL_SIZE", "-1", ">= 0 and <= 64"),
+        ("VLLAMA_AUTO_MEMORY_SEQUENCES", "0", ">= 1"),
+        ("VLLAMA_GPU_PROBE", "cuda", "auto, nvml, cpu, fake"),
+    ],
+)
+def test_settings_out_of_range_are_refused_with_the_range(
+    clean_env: pytest.MonkeyPatch, var: str, value: str, allowed: str
+) -> None:
+    clean_env.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env()
+    message = str(info.value)
+    assert var in message and repr(value) in message and allowed in message, message
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "attribute", "expected"),
+    [
+        ("VLLAMA_KEEP_ALIVE_INTERVAL", "0.1", "keep_alive_interval", 0.1),
+        ("VLLAMA_DRAIN_TIMEOUT", "0", "drain_timeout", 0.0),
+        ("VLLAMA_SLEEP_RESIDUAL_GIB", "0", "sleep_residual_gib", 0.0),
+        ("VLLAMA_PORT", "65535", "port", 65535),
+        ("VLLAMA_POOL_SIZE", "0", "pool_size", 0),
+        ("VLLAMA_GPU_PROBE", "CPU", "gpu_probe", "cpu"),
+    ],
+)
+def test_settings_at_the_edges_of_their_range_are_accepted(
+    clean_env: pytest.MonkeyPatch, var: str, value: str, attribute: str, expected: Any
+) -> None:
+    clean_env.setenv(var, value)
+    assert getattr(Settings.from_env(), attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [({"port": 99999}, "--port"), ({"log_level": "loud"}, "--log-level")]
+)
+def test_settings_command_line_values_are_checked(
+    clean_env: pytest.MonkeyPatch, overrides: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        Settings.from_env(**overrides)
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         ({"-dash": {}}, "'-dash'"),

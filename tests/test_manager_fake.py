@@ -348,6 +348,7 @@ def test_failed_start_is_reported_and_retried(fake_daemon: Daemon) -> None:
             "fine": {"gpu_memory_gib": 2},
         }
     )
+    fake_daemon.env["VLLAMA_START_BACKOFF"] = "1"
     fake_daemon.start()
     logs = fake_daemon.home / "logs"
     with fake_daemon.client() as c:
@@ -359,15 +360,24 @@ def test_failed_start_is_reported_and_retried(fake_daemon: Daemon) -> None:
         assert m["state"] == "error" and "boom" in m["last_error"] and m["in_flight"] == 0
         assert attempts(fake_daemon, "broken") == 1
 
-        # the next request tries again (a new launch), and fails the same way
+        # a request right after gets the same failure without a new launch (issue 16: no eviction storm)...
         err2 = assert_openai_error(chat(c, "broken", "again"), 503, "model_unavailable")
-        assert "boom" in err2["message"]
+        assert "boom" in err2["message"] and "failed to start 1 time(s)" in err2["message"], err2
+        assert attempts(fake_daemon, "broken") == 1
+        # ...and once the back-off (VLLAMA_START_BACKOFF, doubling) is over, the next request tries again
+        time.sleep(1.1)
+        err3 = assert_openai_error(chat(c, "broken", "again"), 503, "model_unavailable")
+        assert "boom" in err3["message"] and "time(s)" not in err3["message"], err3
         assert attempts(fake_daemon, "broken") == 2
 
         # the official client surfaces it as a 503 with the message
         with pytest.raises(openai.InternalServerError) as exc:
             openai_client(fake_daemon).chat.completions.create(model="broken", messages=messages("x"))
         assert exc.value.status_code == 503 and "boom" in str(exc.value)
+        assert attempts(fake_daemon, "broken") == 2  # backing off for 2 s now
+
+        # an explicit start is never held back
+        assert fake_daemon.cli("start", "broken").returncode == 1
         assert attempts(fake_daemon, "broken") == 3
 
         # concurrent waiters on one failing start all get its 503; nobody hangs, one attempt only

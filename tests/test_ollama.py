@@ -12,12 +12,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
 from tests.conftest import Daemon
 from tests.ecosystem import GIB, ps_rows, running_daemon, wait_for
 from vllama.api import ollama as ol
+from vllama.errors import UpstreamError
 
 # --- the shapes of Ollama's answers, from its API documentation (docs/api.md) --------------------------------
 GENERATE_CHUNK = {"model", "created_at", "response", "done"}
@@ -249,6 +251,16 @@ def test_keep_alive_zero_leaves_a_pinned_model_alone(api: httpx.Client, daemon: 
     assert ps_rows(daemon)["pinned"]["state"] == "running"
 
 
+def test_the_unload_request_leaves_a_pinned_model_alone(api: httpx.Client, daemon: Daemon) -> None:
+    # issue 16: an empty prompt with keep_alive 0 (`ollama stop`) must not stop a pinned model
+    api.post("/api/generate", json={"model": "pinned"})
+    assert ps_rows(daemon)["pinned"]["state"] == "running"
+    for path, body in [("/api/generate", {}), ("/api/chat", {"messages": []})]:
+        r = api.post(path, json={"model": "pinned", "keep_alive": 0, **body})
+        assert r.status_code == 409 and "pinned" in r.json()["error"] and "vllama stop" in r.json()["error"]
+    assert ps_rows(daemon)["pinned"]["state"] == "running"
+
+
 def test_bad_keep_alive_is_a_400(api: httpx.Client) -> None:
     r = api.post(
         "/api/chat", json={"model": "chat", "messages": [{"role": "user", "content": "x"}], "keep_alive": "soon"}
@@ -278,6 +290,26 @@ def test_show(api: httpx.Client) -> None:
     assert set(body["details"]) == DETAILS
     assert isinstance(body["modelfile"], str) and isinstance(body["model_info"], dict)
     assert api.post("/api/show", json={"model": "nope"}).status_code == 404
+
+
+@pytest.mark.parametrize("name", ["/", "/proc", "/etc", "~", "/etc/passwd"])
+def test_show_of_a_path_that_is_no_model_is_a_quick_404(api: httpx.Client, name: str) -> None:
+    # issue 16: "/" used to walk the whole filesystem and answer a 500
+    t0 = time.monotonic()
+    r = api.post("/api/show", json={"model": name})
+    message = r.json()["error"]
+    assert r.status_code == 404 and ("not a model" in message or "no such path" in message), r.text
+    assert time.monotonic() - t0 < 2
+
+
+def test_bounded_files_stops_early_and_skips_unreadable(tmp_path: Path) -> None:
+    for i in range(30):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path)  # a symlinked folder is not followed
+    assert len(ol.bounded_files(tmp_path, limit=10)) < 10
+    assert len(ol.bounded_files(tmp_path)) == 30
+    assert ol.bounded_files(tmp_path / "missing") == []
 
 
 def test_names_aliases_and_latest_tag(api: httpx.Client) -> None:
@@ -367,10 +399,110 @@ def test_messages_with_images_and_tools() -> None:
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     ]
     assert assistant["tool_calls"][0]["function"] == {"name": "weather", "arguments": '{"city": "Paris"}'}
-    assert tool["role"] == "tool" and tool["tool_call_id"] == "weather"
+    # Ollama's calls have no id and its results name the tool: vllama gives both the same id (issue 16)
+    assert tool["role"] == "tool" and tool["tool_call_id"] == assistant["tool_calls"][0]["id"] == "call_1_0"
     assert body["tools"][0]["function"]["name"] == "weather"
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def _call(name: str, **extra: Any) -> dict[str, Any]:
+    return {"function": {"name": name, "arguments": {}}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        # two calls answered out of order, by tool name
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("weather"), _call("time")]},
+                {"role": "tool", "content": "12:00", "tool_name": "time"},
+                {"role": "tool", "content": "sunny", "tool_name": "weather"},
+            ],
+            ["call_0_1", "call_0_0"],
+        ),
+        # the same tool twice: in order
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("weather"), _call("weather")]},
+                {"role": "tool", "content": "a", "tool_name": "weather"},
+                {"role": "tool", "content": "b", "tool_name": "weather"},
+            ],
+            ["call_0_0", "call_0_1"],
+        ),
+        # no tool_name: the next unanswered call
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("a"), _call("b")]},
+                {"role": "tool", "content": "1"},
+                {"role": "tool", "content": "2"},
+            ],
+            ["call_0_0", "call_0_1"],
+        ),
+        # ids given by the client are kept on both sides
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("a", id="x1")]},
+                {"role": "tool", "content": "1", "tool_call_id": "x1"},
+            ],
+            ["x1"],
+        ),
+        # a second round of calls gets fresh ids; a result with no call left still gets an id
+        (
+            [
+                {"role": "assistant", "tool_calls": [_call("a")]},
+                {"role": "tool", "content": "1", "tool_name": "a"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "tool_calls": [_call("a")]},
+                {"role": "tool", "content": "2", "tool_name": "a"},
+                {"role": "tool", "content": "3", "tool_name": "a"},
+            ],
+            ["call_0_0", "call_3_0", "call_a"],
+        ),
+    ],
+)
+def test_tool_results_get_the_id_of_their_call(messages: list[dict[str, Any]], expected: list[str]) -> None:
+    out = ol.chat_body("m", {"messages": messages})["messages"]
+    call_ids = {c["id"] for m in out for c in m.get("tool_calls", [])}
+    results = [m["tool_call_id"] for m in out if m["role"] == "tool"]
+    assert results == expected
+    assert set(results[: len(call_ids)]) <= call_ids
+
+
+@pytest.mark.parametrize("odd", [{"tool_calls": "x"}, {"tool_calls": [{"function": "f"}]}, {"tool_calls": [1, None]}])
+def test_odd_tool_calls_do_not_break_the_translation(odd: dict[str, Any]) -> None:
+    out = ol.chat_body("m", {"messages": [{"role": "assistant", **odd}, {"role": "tool", "content": "r"}]})
+    assert out["messages"][1]["role"] == "tool" and out["messages"][1]["tool_call_id"]
+
+
+@pytest.mark.parametrize("line", [b"data: {not json", b"data: [1, 2]", b"data: 5", b"data: \xff\xfe"])
+async def test_a_malformed_stream_event_is_an_upstream_error(line: bytes) -> None:
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await r.prepare(request)
+        await r.write(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n' + line + b"\n\n")
+        return r
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    gen = ol.Generation(0, 0)
+    got: list[tuple[str, str]] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(UpstreamError, match="malformed stream event"):
+                async for item in ol.stream_generation(http, f"http://127.0.0.1:{port}/v1/chat/completions", {}, gen):
+                    got.append(item)
+    finally:
+        await runner.cleanup()
+    assert got == [("open", ""), ("content", "hi")]
 
 
 def test_keep_alive_parsing() -> None:

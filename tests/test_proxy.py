@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -264,10 +267,19 @@ async def relay_all(client: proxy.RawClient, port: int, body: bytes = b"{}") -> 
     return up.status, b"".join(out)
 
 
-async def test_raw_client_retries_a_kept_alive_connection_closed_by_the_server() -> None:
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (RST), not a FIN: the peer's next read fails with ConnectionResetError."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+async def test_raw_client_retries_a_kept_alive_connection_closed_by_the_server(how: str) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
-        if n == 2:
-            return False  # read the 2nd request on this connection, then close without answering (idle timeout)
+        if n == 2:  # read the 2nd request on this connection, then close (idle timeout) or reset, not answering
+            if how == "reset":
+                reset(writer)
+            return False
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
         return True
@@ -332,3 +344,80 @@ async def test_raw_client_reports_a_server_that_dies_mid_answer() -> None:
     with pytest.raises(OSError):  # nothing listens any more
         await client.post(port, "/v1/chat/completions", [], b"{}")
     await client.close()
+
+
+# --- issue 16: faults of the upstream connection and the size of held answers ------------------------------------
+
+
+async def test_raw_client_does_not_resend_on_a_fresh_connection_reset() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        reset(writer)
+        return False
+
+    client = proxy.RawClient()
+    async with tiny_server(handle) as (port, accepted):
+        with pytest.raises(ConnectionError):  # a new connection reset: vLLM may have seen it; not sent twice
+            await relay_all(client, port)
+        assert accepted[0] == 1
+    await client.close()
+
+
+class ScriptedUpstream:
+    """An UpstreamResponse that hands out `parts`, then fails with `error` if given."""
+
+    def __init__(self, parts: list[bytes], error: BaseException | None = None, content_type: bytes = b"json") -> None:
+        self.status = 200
+        self.headers = [(b"content-type", b"application/" + content_type)]
+        self.parts, self.error = list(parts), error
+
+    async def read(self) -> tuple[bytes, bool]:
+        if not self.parts:
+            if self.error is not None:
+                raise self.error
+            return b"", True
+        return self.parts.pop(0), not self.parts and self.error is None
+
+    def finish(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        pass
+
+
+async def relay_scripted(up: ScriptedUpstream) -> tuple[bool, list[dict[str, Any]]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        await asyncio.sleep(3600)
+
+    inst: Any = SimpleNamespace(name="A")
+    engine: Any = SimpleNamespace(spec=SimpleNamespace(log_path="/logs/A.log"))
+    ok = await proxy.Relay(inst, proxy.RawClient(), send, receive, 600.0)._relay(up, engine)
+    return ok, sent
+
+
+async def test_a_small_plain_answer_is_held_whole_and_a_failure_is_a_502(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy, "BUFFER_LIMIT", 100)
+    ok, sent = await relay_scripted(ScriptedUpstream([b"x" * 60, b"y" * 40]))
+    assert ok and [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert (b"content-length", b"100") in sent[0]["headers"] and sent[1]["body"] == b"x" * 60 + b"y" * 40
+    ok, sent = await relay_scripted(ScriptedUpstream([b"x" * 60], ConnectionResetError()))
+    assert not ok and sent[0]["status"] == 502 and b"failed while answering" in sent[1]["body"]
+
+
+async def test_a_large_plain_answer_is_relayed_as_it_comes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy, "BUFFER_LIMIT", 100)
+    parts = [bytes([65 + i]) * 60 for i in range(5)]
+    ok, sent = await relay_scripted(ScriptedUpstream(parts))
+    assert ok and sent[0]["status"] == 200
+    assert not any(k == b"content-length" for k, _ in sent[0]["headers"])
+    bodies = sent[1:]
+    assert b"".join(m["body"] for m in bodies) == b"".join(parts)
+    assert len(bodies[0]["body"]) <= 100 + 60  # held no more than the limit and one read
+    assert [m.get("more_body", False) for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    # cut short past the limit: the answer is never completed (the client sees a truncated body)
+    ok, sent = await relay_scripted(ScriptedUpstream(parts, ConnectionResetError()))
+    assert not ok and sent[0]["status"] == 200 and all(m.get("more_body") for m in sent[1:])

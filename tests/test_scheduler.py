@@ -338,7 +338,7 @@ PLACEMENT_CASES = [
         [],
         want("D", 1, tp=2),
         True,
-        blocked("tensor_parallel_size 2", wait=False),
+        blocked("needs 2 devices", wait=False),
         id="tp 2 with only one device -> never",
     ),
     # --- blocked ---------------------------------------------------------------------------------------
@@ -448,6 +448,233 @@ def test_plan_placement(
 
 def test_at_least_twenty_placement_cases() -> None:
     assert len(PLACEMENT_CASES) >= 20
+
+
+# --- several GPUs (issue 13): mixed sizes, device sets of parallel models, per-device fairness ---------------
+
+
+def frac(name: str, fraction: float, tp: int = 1, devices: tuple[int, ...] | None = None) -> Demand:
+    """A model with gpu_memory_utilization `fraction`: its need is that fraction of each device's own total."""
+    return Demand(name, tp=tp, devices=devices, fraction=fraction)
+
+
+def full(n: int, total: float = 8) -> list[DeviceMemory]:
+    return [dev(i, total, free=0) for i in range(n)]
+
+
+def free(n: int, total: float = 8) -> list[DeviceMemory]:
+    return [dev(i, total, free=total) for i in range(n)]
+
+
+NO_LINKS: frozenset[frozenset[int]] = frozenset()
+
+
+def linked(*pairs: tuple[int, int]) -> frozenset[frozenset[int]]:
+    return frozenset(frozenset(p) for p in pairs)
+
+
+MULTI_GPU_CASES = [
+    # --- mixed sizes: a fraction is per device ---------------------------------------------------------------
+    pytest.param(
+        [dev(0, 80, free=2), dev(1, 48, free=48)],
+        [busy("X", 1, held=78, devices=(0,))],
+        frac("M", 0.9),
+        NO_LINKS,
+        place(1),
+        id="80G busy + 48G free: default fraction 0.9 is 43.2G on the 48G device -> placed there, not refused",
+    ),
+    pytest.param(
+        [dev(0, 80, free=80), dev(1, 48, free=48)],
+        [],
+        frac("M", 0.9),
+        NO_LINKS,
+        place(0),
+        id="80G + 48G both free: 0.9 leaves 8G on the 80G and 4.8G on the 48G -> the 80G",
+    ),
+    pytest.param(
+        [dev(0, 80, free=0), dev(1, 48, free=0)],
+        [running("A", 1, held=80, asleep=1, devices=(0,)), running("B", 2, held=48, asleep=1, devices=(1,))],
+        frac("M", 0.5),
+        NO_LINKS,
+        place(0, evict=(sleep("A", 79),)),
+        id="80G + 48G both full, one sleep either way -> the least recently used model's device (the 80G)",
+    ),
+    pytest.param(
+        [dev(0, 80, free=10), dev(1, 48, free=48)],
+        [running("A", 1, held=70, asleep=1, devices=(0,))],
+        want("M", 60),
+        NO_LINKS,
+        place(0, evict=(sleep("A", 69),)),
+        id="60G in bytes never fits the 48G -> the 80G, after a sleep there",
+    ),
+    pytest.param(
+        [dev(0, 80, free=30), dev(1, 48, free=48)],
+        [running("A", 1, held=50, asleep=1, devices=(0,))],
+        want("T", 24, tp=2),
+        NO_LINKS,
+        place(0, 1, evict=(sleep("A", 49),)),
+        id="tp 2 of 24G in bytes on 80G + 48G: vLLM's one fraction (24/48) is 40G on the 80G -> make room there",
+    ),
+    pytest.param(
+        [dev(0, 80, free=0), dev(1, 48, free=48)],
+        [busy("X", 1, held=80, devices=(0,))],
+        frac("M", 0.9, devices=(1,)),
+        NO_LINKS,
+        place(1),
+        id="fixed on the 48G: 0.9 of 48G fits although 0.9 of 80G would not",
+    ),
+    # --- device sets of parallel models ----------------------------------------------------------------------
+    pytest.param(
+        free(4),
+        [],
+        want("T", 4, tp=2),
+        linked((1, 2)),
+        place(1, 2),
+        id="tp 2 of 4 free GPUs -> the NVLink pair",
+    ),
+    pytest.param(
+        free(4),
+        [],
+        want("T", 4, tp=2),
+        linked((0, 1), (2, 3)),
+        place(0, 1),
+        id="tp 2, two NVLink pairs, all free -> the first pair",
+    ),
+    pytest.param(
+        [dev(0, 8, free=0), *free(3)[1:]],
+        [running("A", 1, held=8, devices=(0,))],
+        want("T", 4, tp=2),
+        linked((0, 1)),
+        place(1, 2),
+        id="tp 2: the NVLink pair needs an eviction -> least eviction first, over PCIe",
+    ),
+    pytest.param(
+        full(3),
+        [
+            running("A", 1, held=8, devices=(0,)),
+            running("B", 2, held=8, devices=(1,)),
+            running("C", 3, held=8, devices=(2,)),
+        ],
+        want("T", 4, tp=2),
+        linked((1, 2)),
+        place(1, 2, evict=(sleep("B", 7.5), sleep("C", 7.5))),
+        id="tp 2: every pair needs two sleeps -> the NVLink pair, even over the least recently used",
+    ),
+    pytest.param(
+        full(3),
+        [
+            running("A", 1, held=8, devices=(0,)),
+            running("B", 2, held=8, devices=(1,)),
+            running("C", 3, held=8, devices=(2,)),
+        ],
+        want("T", 4, tp=2),
+        NO_LINKS,
+        place(0, 1, evict=(sleep("A", 7.5), sleep("B", 7.5))),
+        id="tp 2: every pair needs two sleeps, no NVLink -> the two least recently used",
+    ),
+    pytest.param(
+        [dev(0, 8, free=0), dev(1, 8, free=0), dev(2, 8, free=8), dev(3, 8, free=8)],
+        [running("T2", 1, held=8, devices=(0, 1))],
+        want("T", 4, tp=4),
+        NO_LINKS,
+        place(0, 1, 2, 3, evict=(sleep("T2", 7.5),)),
+        id="tp 4 on 4 GPUs: one tp-2 sleep frees both of its devices",
+    ),
+    pytest.param(
+        free(2),
+        [],
+        want("T", 4, tp=3),
+        NO_LINKS,
+        blocked("needs 3 devices", wait=False),
+        id="tp × pp of 3 on 2 GPUs -> never",
+    ),
+    # --- per-device fairness ---------------------------------------------------------------------------------
+    pytest.param(
+        full(2),
+        [
+            running("A", 1, devices=(0,)),
+            running("B", 2, devices=(0,)),
+            running("C", 3, devices=(1,)),
+            running("D", 4, devices=(1,)),
+        ],
+        want("T", 3, tp=2),
+        NO_LINKS,
+        place(0, 1, evict=(sleep("A", 3.5), sleep("C", 3.5))),
+        id="tp 2 short on both: the LRU of each device, not the two oldest overall",
+    ),
+    pytest.param(
+        full(2),
+        [running("P", 5, held=8, pinned=True, devices=(0,)), running("X", 0, held=8, devices=(1,))],
+        want("M", 4, devices=(0,)),
+        NO_LINKS,
+        blocked("does not fit", wait=False, holders=("P",)),
+        id="GPU 0 pinned full: the oldest model, on GPU 1, is never evicted for GPU 0",
+    ),
+    pytest.param(
+        full(2),
+        [
+            running("T", 1, devices=(0, 1)),
+            running("A", 2, devices=(0,)),
+            running("B", 3, devices=(1,)),
+        ],
+        want("M", 3, devices=(1,)),
+        NO_LINKS,
+        place(1, evict=(sleep("T", 3.5),)),
+        id="a tp-2 model counts on both devices: it is GPU 1's LRU, GPU 0's model is untouched",
+    ),
+    pytest.param(
+        full(2),
+        [running("B", 2, devices=(0,)), running("A", 1, devices=(1,))],
+        want("M", 3),
+        NO_LINKS,
+        place(1, evict=(sleep("A", 3.5),)),
+        id="one sleep on either device -> the least recently used model, on whichever device",
+    ),
+    pytest.param(
+        full(2),
+        [busy("S", 1, held=8, devices=(0,)), running("A", 9, devices=(1,)), running("B", 9, devices=(1,))],
+        want("M", 3, devices=(0,)),
+        NO_LINKS,
+        blocked("busy models hold the rest", wait=True, holders=("S",)),
+        id="GPU 0 held by a busy model -> wait for it, never evict GPU 1's idle models",
+    ),
+]
+
+
+@pytest.mark.parametrize(("devices", "residents", "demand", "links", "expected"), MULTI_GPU_CASES)
+def test_plan_placement_multi_gpu(
+    devices: list[DeviceMemory],
+    residents: list[Resident],
+    demand: Demand,
+    links: frozenset[frozenset[int]],
+    expected: Placement | Blocked,
+) -> None:
+    got = plan_placement(devices, residents, demand, links=links)
+    if isinstance(expected, Placement):
+        assert got == expected
+    else:
+        assert isinstance(got, Blocked), got
+        assert (got.wait, got.holders) == (expected.wait, expected.holders), got
+        assert expected.reason in got.reason, got.reason
+
+
+@pytest.mark.parametrize(
+    ("demand", "totals", "devices", "expected"),
+    [
+        pytest.param(frac("M", 0.9), {0: 80, 1: 48}, (1,), {1: 43.2}, id="fraction of the device's own total"),
+        pytest.param(frac("M", 0.5, tp=2), {0: 80, 1: 48}, (0, 1), {0: 40, 1: 24}, id="fraction, tp 2 mixed"),
+        pytest.param(want("M", 24, tp=2), {0: 80, 1: 48}, (0, 1), {0: 40, 1: 24}, id="bytes: one fraction"),
+        pytest.param(want("M", 24, tp=2), {0: 48, 1: 48}, (0, 1), {0: 24, 1: 24}, id="bytes, equal devices"),
+        pytest.param(
+            Demand("M", gib(24), tp=2, waking=True), {0: 80, 1: 48}, (0, 1), {0: 24, 1: 24}, id="a wake: bytes"
+        ),
+    ],
+)
+def test_demand_needs_per_device(
+    demand: Demand, totals: dict[int, float], devices: tuple[int, ...], expected: dict[int, float]
+) -> None:
+    got = demand.needs({i: gib(t) for i, t in totals.items()}, devices)
+    assert got == pytest.approx({i: gib(n) for i, n in expected.items()}, abs=1)
 
 
 # keep_alive ladder unless a case says otherwise: sleep L1 after 60 s, L2 after 300 s, stop after 900 s

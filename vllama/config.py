@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllama.errors import ConfigError
+from vllama.model_access import AllowModels, parse_allow_models
 
 GIB = 1024**3
 
@@ -69,6 +70,50 @@ def _seconds(number: float, value: Any) -> float | None:
 
 # flags vllama owns: a child must bind 127.0.0.1 (its sleep/RPC endpoints are unauthenticated) on vllama's port
 _RESERVED_FLAGS = {"--host", "--port", "--served-model-name", "--model"}
+# flags that decide how much memory a child takes, or on how many GPUs: vLLM takes the last one given, so in
+# extra_args they would silently contradict what vllama made room for. Flag → the models.yaml key to use.
+_PLANNED_FLAGS = {
+    "--gpu-memory-utilization": "gpu_memory_utilization (or gpu_memory_gib, or memory: auto)",
+    "--kv-cache-memory-bytes": "gpu_memory_gib (the memory per device) or memory: auto",
+    "--kv-cache-memory": "gpu_memory_gib (the memory per device) or memory: auto",
+    "--tensor-parallel-size": "tensor_parallel_size (or devices)",
+    "-tp": "tensor_parallel_size (or devices)",
+    "--pipeline-parallel-size": "pipeline_parallel_size (with devices or tensor_parallel_size)",
+    "-pp": "pipeline_parallel_size (with devices or tensor_parallel_size)",
+    "--data-parallel-size": "nothing: vllama runs one engine per model; configure a second model name instead",
+    "-dp": "nothing: vllama runs one engine per model; configure a second model name instead",
+}
+# the environment vllama sets for each child from its placement
+_PLANNED_ENV = {"CUDA_VISIBLE_DEVICES": "devices", "CUDA_DEVICE_ORDER": "devices"}
+
+
+def _flag_name(arg: str) -> str | None:
+    """The vLLM flag an argument is, normalised as vLLM's parser does (`--a_b=1` → `--a-b`); None for a value.
+    A short flag with its value glued on (`-tp2`) is the short flag."""
+    if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():
+        return None
+    name = arg.split("=", 1)[0]
+    if name.startswith("--"):
+        return "--" + name[2:].replace("_", "-")
+    for short in ("-tp", "-pp", "-dp"):
+        if name.startswith(short):
+            return short
+    return name
+
+
+def planned_flag(arg: str) -> tuple[str, str] | None:
+    """(the flag, the models.yaml key to use instead) when `arg` is a flag vllama plans itself."""
+    name = _flag_name(arg)
+    if name is None:
+        return None
+    if name in _PLANNED_FLAGS:
+        return name, _PLANNED_FLAGS[name]
+    # argparse takes an unambiguous prefix of a long flag for the flag (`--tensor-parallel` …)
+    if name.startswith("--") and len(name) >= 8:
+        for flag, key in _PLANNED_FLAGS.items():
+            if flag.startswith(name):
+                return flag, key
+    return None
 
 
 class KeepAlive(BaseModel):
@@ -110,6 +155,7 @@ class ModelConfig(BaseModel):
     max_model_len: int | None = Field(default=None, gt=0)
     devices: list[int] | None = None
     tensor_parallel_size: int | None = Field(default=None, ge=1)
+    pipeline_parallel_size: int | None = Field(default=None, ge=1)
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     pinned: bool = False
@@ -173,9 +219,23 @@ class ModelConfig(BaseModel):
     @classmethod
     def _no_bind_args(cls, value: list[str]) -> list[str]:
         for arg in value:
-            flag = arg.split("=", 1)[0]
+            flag = _flag_name(arg) or arg.split("=", 1)[0]
             if flag in _RESERVED_FLAGS:
                 raise ValueError(f"{flag} is set by vllama (children bind 127.0.0.1 on a port vllama picks)")
+            planned = planned_flag(arg)
+            if planned is not None:
+                raise ValueError(
+                    f"{arg} in extra_args would contradict vllama's plan ({planned[0]} decides memory or GPUs, "
+                    f"which vllama reserves and passes itself): use the models.yaml key {planned[1]}"
+                )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _no_placement_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, key in _PLANNED_ENV.items():
+            if name in value:
+                raise ValueError(f"{name} is set by vllama from where it places the model: use the key {key!r}")
         return value
 
     @model_validator(mode="after")
@@ -184,26 +244,40 @@ class ModelConfig(BaseModel):
             raise ValueError("set gpu_memory_utilization or gpu_memory_gib, not both")
         if self.memory == "auto" and (self.gpu_memory_utilization is not None or self.gpu_memory_gib is not None):
             raise ValueError("memory: auto sizes the memory itself: drop gpu_memory_utilization/gpu_memory_gib")
-        if (
-            self.devices is not None
-            and self.tensor_parallel_size is not None
-            and len(self.devices) != self.tensor_parallel_size
-        ):
-            raise ValueError(
-                f"tensor_parallel_size {self.tensor_parallel_size} needs exactly that many devices, "
-                f"got devices {self.devices}"
-            )
+        pp = self.pipeline_parallel_size or 1
+        if self.devices is not None:
+            if self.tensor_parallel_size is not None and len(self.devices) != self.tensor_parallel_size * pp:
+                product = f" × pipeline_parallel_size {pp}" if pp > 1 else ""
+                raise ValueError(
+                    f"tensor_parallel_size {self.tensor_parallel_size}{product} needs exactly "
+                    f"{self.tensor_parallel_size * pp} devices, got devices {self.devices}"
+                )
+            if len(self.devices) % pp:
+                raise ValueError(
+                    f"pipeline_parallel_size {pp} must divide the number of devices, got devices {self.devices}"
+                )
         return self
 
     @property
     def source(self) -> str | None:
-        return self.model
+        """What vLLM loads: `model`, with `~` expanded (vLLM's argv goes through no shell)."""
+        return os.path.expanduser(self.model) if self.model else None
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_parallel_size or 1
 
     @property
     def tp(self) -> int:
+        """vLLM's tensor-parallel size: the setting, else the devices a pipeline stage gets."""
         if self.tensor_parallel_size is not None:
             return self.tensor_parallel_size
-        return len(self.devices) if self.devices else 1
+        return len(self.devices) // self.pp if self.devices else 1
+
+    @property
+    def device_count(self) -> int:
+        """How many GPUs one instance uses: tensor_parallel_size × pipeline_parallel_size."""
+        return self.tp * self.pp
 
 
 class ModelsFile:
@@ -360,18 +434,53 @@ def _flag(raw: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+_YEAR_S = 365 * 86400.0
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be 1 or more")
-    return value
+def _plain(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _number(
+    low: float, high: float, *, above: bool = False, unit: str = "", integer: bool = False
+) -> Callable[[str], Any]:
+    """A parser of one number in [low, high] (or (low, high] with `above`); anything else (nan, inf, out of
+    range, not a number) is a ValueError that states the allowed range, for the message naming the variable."""
+    kind = "a whole number" if integer else "a number"
+    allowed = f"{kind}{' of ' + unit if unit else ''} {'>' if above else '>='} {_plain(low)} and <= {_plain(high)}"
+
+    def parse(raw: str) -> Any:
+        try:
+            value: float = int(raw) if integer else float(raw)
+        except ValueError:
+            raise ValueError(f"not {kind}; allowed: {allowed}") from None
+        if not math.isfinite(value) or value > high or value < low or (above and value == low):
+            raise ValueError(f"out of range; allowed: {allowed}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"allowed: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _pairs(raw: str) -> list[tuple[int, int]]:
+    """ "0-1,2-3" → [(0, 1), (2, 3)]."""
+    out = []
+    for part in raw.split(","):
+        a, sep, b = part.partition("-")
+        if not sep:
+            raise ValueError(f"expected pairs like 0-1,2-3, got {part!r}")
+        out.append((int(a), int(b)))
+    return out
 
 
 def _keep_alive(raw: str) -> KeepAlive:
@@ -402,6 +511,11 @@ class Settings:
     cpu_default_model_gib: float = 4.0  # need of a model without a memory setting on the CPU device
     fake_gpu_ledger: Path | None = None
     fake_gpu_total_gib: list[float] = field(default_factory=lambda: [8.0])
+    fake_gpu_mig: list[int] = field(default_factory=list)  # simulated GPUs in MIG mode (physical indices)
+    fake_gpu_nvlink: list[tuple[int, int]] = field(default_factory=list)  # simulated NVLink pairs, e.g. 0-1
+    # the GPUs vllama may use (NVML indices or UUIDs, comma list): wins over vllama's own CUDA_VISIBLE_DEVICES
+    # (see vllama/gpu.py); None: CUDA_VISIBLE_DEVICES if set, else every GPU
+    devices: str | None = None
     startup_timeout: float = 900.0
     drain_timeout: float = 60.0  # how long an eviction or sleep waits for in-flight requests
     stop_timeout: float = 15.0  # SIGTERM → SIGKILL of a child's process group
@@ -433,6 +547,9 @@ class Settings:
     # memory auto-sizing (vllama/sizing.py) for models without an explicit memory setting
     auto_memory: bool = False
     auto_memory_sequences: int = 4  # KV cache for this many sequences of max_model_len
+    # which unconfigured model names a request may start (vllama/model_access.py); auto: none with an API key
+    allow_models: AllowModels = field(default_factory=AllowModels)
+    start_backoff: float = 10.0  # first delay before a failed start is tried again by a request (doubles, 0 = off)
 
     @property
     def models_path(self) -> Path:
@@ -449,43 +566,57 @@ class Settings:
         env = os.environ
         if "VLLAMA_HOST" in env:
             s.host = env["VLLAMA_HOST"]
+        # every number has a range, and a value outside it is refused at start with the variable and the range:
+        # e.g. a keep-alive interval of 0 would be a busy loop, a NaN wait never ends or never waits
+        seconds = _number(0, _YEAR_S, unit="seconds")
+        gib = _number(0, 1 << 20, above=True, unit="GiB")
         parsed: dict[str, Any] = {
-            "port": _env_value("VLLAMA_PORT", int),
+            "port": _env_value("VLLAMA_PORT", _number(1, 65535, integer=True)),
             "port_range": _env_value("VLLAMA_PORT_RANGE", _port_range),
             "vllm_command": _env_value("VLLAMA_VLLM_COMMAND", str.split)
             or _env_value("VLLAMA_VLLM_PYTHON", lambda p: [p, "-m", "vllm.entrypoints.openai.api_server"]),
-            "gpu_probe": _env_value("VLLAMA_GPU_PROBE", str),
-            "cpu_memory_gib": _env_value("VLLAMA_CPU_MEMORY_GIB", float),
-            "cpu_default_model_gib": _env_value("VLLAMA_CPU_DEFAULT_MODEL_GIB", float),
+            "gpu_probe": _env_value("VLLAMA_GPU_PROBE", _choice("auto", "nvml", "cpu", "fake")),
+            "cpu_memory_gib": _env_value("VLLAMA_CPU_MEMORY_GIB", gib),
+            "cpu_default_model_gib": _env_value("VLLAMA_CPU_DEFAULT_MODEL_GIB", gib),
             "fake_gpu_ledger": _env_value("VLLAMA_FAKE_GPU_LEDGER", Path),
-            "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [float(x) for x in v.split(",")]),
+            "fake_gpu_total_gib": _env_value("VLLAMA_FAKE_GPU_TOTAL_GIB", lambda v: [gib(x) for x in v.split(",")]),
+            "fake_gpu_mig": _env_value("VLLAMA_FAKE_GPU_MIG", lambda v: [int(x) for x in v.split(",")]),
+            "fake_gpu_nvlink": _env_value("VLLAMA_FAKE_GPU_NVLINK", _pairs),
+            "devices": os.environ.get("VLLAMA_DEVICES") or None,
             "keep_alive": _env_value("VLLAMA_KEEP_ALIVE", _keep_alive),
-            "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", int),
-            "pool_size": _env_value("VLLAMA_POOL_SIZE", _non_negative_int),
+            "max_body_bytes": _env_value("VLLAMA_MAX_BODY_BYTES", _number(1, 1 << 40, integer=True, unit="bytes")),
+            "pool_size": _env_value("VLLAMA_POOL_SIZE", _number(0, 64, integer=True)),
             "pool_fork": _env_value("VLLAMA_POOL_FORK", _flag),
             "pool_modules": _env_value(
                 "VLLAMA_POOL_MODULES", lambda v: tuple(m.strip() for m in v.split(",") if m.strip())
             ),
             "auto_memory": _env_value("VLLAMA_AUTO_MEMORY", _flag),
-            "auto_memory_sequences": _env_value("VLLAMA_AUTO_MEMORY_SEQUENCES", _positive_int),
+            "auto_memory_sequences": _env_value("VLLAMA_AUTO_MEMORY_SEQUENCES", _number(1, 65536, integer=True)),
             "api_key": _secret_env("VLLAMA_API_KEY"),
             "admin_api_key": _secret_env("VLLAMA_ADMIN_API_KEY"),
+            "startup_timeout": _env_value("VLLAMA_STARTUP_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")),
+            "drain_timeout": _env_value("VLLAMA_DRAIN_TIMEOUT", seconds),
+            "stop_timeout": _env_value("VLLAMA_STOP_TIMEOUT", seconds),
+            "capacity_wait": _env_value("VLLAMA_CAPACITY_WAIT", seconds),
+            "memory_settle_timeout": _env_value("VLLAMA_MEMORY_SETTLE_TIMEOUT", seconds),
+            "shutdown_grace": _env_value("VLLAMA_SHUTDOWN_GRACE", seconds),
+            "sleep_residual_gib": _env_value("VLLAMA_SLEEP_RESIDUAL_GIB", _number(0, 1024, unit="GiB")),
+            "allow_models": _env_value("VLLAMA_ALLOW_MODELS", parse_allow_models),
+            "start_backoff": _env_value("VLLAMA_START_BACKOFF", _number(0, 3600, unit="seconds")),
+            # below 0.1 s the keep-alive pass would spin on the event loop
+            "keep_alive_interval": _env_value("VLLAMA_KEEP_ALIVE_INTERVAL", _number(0.1, 86400, unit="seconds")),
+            "transition_timeout": _env_value(
+                "VLLAMA_TRANSITION_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")
+            ),
+            "response_timeout": _env_value("VLLAMA_RESPONSE_TIMEOUT", _number(0, _YEAR_S, above=True, unit="seconds")),
+            "host_memory_gib": _env_value("VLLAMA_HOST_MEMORY_GIB", _number(0, 1 << 20, unit="GiB")),
         }
-        for name in (
-            "startup_timeout",
-            "drain_timeout",
-            "stop_timeout",
-            "capacity_wait",
-            "memory_settle_timeout",
-            "shutdown_grace",
-            "sleep_residual_gib",
-            "keep_alive_interval",
-            "transition_timeout",
-            "response_timeout",
-            "host_memory_gib",
-        ):
-            parsed[name] = _env_value(f"VLLAMA_{name.upper()}", float)
         for key, value in [*parsed.items(), *overrides.items()]:
             if value is not None:
                 setattr(s, key, value)
+        # the command line's values (overrides) are checked like the environment's
+        if not 1 <= s.port <= 65535:
+            raise ConfigError(f"port {s.port} is invalid (--port / VLLAMA_PORT): allowed: 1 to 65535")
+        if s.log_level.lower() not in _LOG_LEVELS:
+            raise ConfigError(f"log level {s.log_level!r} is invalid (--log-level): allowed: {', '.join(_LOG_LEVELS)}")
         return s

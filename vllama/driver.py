@@ -78,6 +78,7 @@ class VllmDriver:
             gpu_memory_utilization=inst.gpu_memory_utilization,
             logs_dir=self.settings.logs_dir,
             sleep_mode=self.probe.supports_sleep,
+            cuda_ids=self.probe.cuda_ids(inst.devices),  # vllama's device numbers → NVML indices
         )
         # memory auto-sizing: vLLM's KV cache gets exactly the estimated size (vllama/sizing.py)
         sized = self._sizing_for(inst)

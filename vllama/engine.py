@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,10 @@ def build_launch(
     gpu_memory_utilization: float | None,
     logs_dir: Path,
     sleep_mode: bool,
+    cuda_ids: Sequence[str] | None = None,
 ) -> LaunchSpec:
+    """The command line and environment of a child on `devices` (vllama's device numbers); `cuda_ids` are what
+    CUDA_VISIBLE_DEVICES names for them (NVML indices, `GpuProbe.cuda_ids`); default: the numbers themselves."""
     served_names = [name, *cfg.aliases]
     argv = [
         *(cfg.vllm_command or vllm_command),
@@ -79,8 +82,10 @@ def build_launch(
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
     if cfg.max_model_len is not None:
         argv += ["--max-model-len", str(cfg.max_model_len)]
-    if len(devices) > 1:
-        argv += ["--tensor-parallel-size", str(len(devices))]
+    if len(devices) > 1:  # tensor_parallel_size × pipeline_parallel_size = the devices (config.py checks)
+        argv += ["--tensor-parallel-size", str(len(devices) // cfg.pp)]
+        if cfg.pp > 1:
+            argv += ["--pipeline-parallel-size", str(cfg.pp)]
     if sleep_mode:
         argv += ["--enable-sleep-mode"]
     argv += cfg.extra_args
@@ -90,7 +95,8 @@ def build_launch(
     env["PYTHONUNBUFFERED"] = "1"
     if device_kind == "cuda":
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers devices like NVML
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+        # the physical GPUs (vllama's own CUDA_VISIBLE_DEVICES, inherited above, is replaced, never combined)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda_ids if cuda_ids is not None else [str(d) for d in devices])
         env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (unsupported on the lent machines)
     if sleep_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"

@@ -43,6 +43,14 @@ class ModelNotFound(VllamaError):
     code = "model_not_found"
 
 
+class ModelNotAllowed(ModelNotFound):
+    """A model name this daemon could start but its settings do not allow (VLLAMA_ALLOW_MODELS)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
 class NotFound(VllamaError):
     status_code = 404
     error_type = "invalid_request_error"

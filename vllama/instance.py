@@ -109,6 +109,12 @@ class Host(Protocol):
         """Something that may free memory or end a wait happened."""
         ...
 
+    def check_start_backoff(self, inst: Instance) -> None:
+        """Raise ModelUnavailable while requests must not start `inst` again yet (after failed starts)."""
+        ...
+
+    def record_start(self, inst: Instance, ok: bool) -> None: ...
+
 
 CommandKind = Literal["bring_up", "evict", "deepen", "sleep", "stop", "child_died", "check_hung"]
 
@@ -121,6 +127,7 @@ class Command:
     engine: eng.EngineProcess | None = None  # child_died / check_hung: which child the news is about
     attempts_seen: int = 0  # bring_up: failed attempts when sent (an attempt that failed since is shared)
     admit: bool = False  # bring_up: admit one request once running (see `bring_up_and_acquire`)
+    backoff: bool = True  # bring_up: a request honours the back-off after failed starts; `vllama start` does not
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -199,10 +206,12 @@ class Instance:
 
     # --- commands (what everyone else calls) ---------------------------------------------------------------
 
-    async def bring_up(self) -> dict[str, object]:
+    async def bring_up(self, *, backoff: bool = True) -> dict[str, object]:
         """Start or wake, making room first; ModelUnavailable (NoCapacity) if that fails. Answers the snapshot
-        taken when it was done (the owner may go on with later commands at once)."""
-        result: dict[str, object] = await self._send(Command("bring_up", attempts_seen=self.failed_attempts))
+        taken when it was done (the owner may go on with later commands at once). `backoff=False` starts even
+        while requests are held back after failed starts."""
+        command = Command("bring_up", attempts_seen=self.failed_attempts, backoff=backoff)
+        result: dict[str, object] = await self._send(command)
         return result
 
     async def bring_up_and_acquire(self) -> None:
@@ -312,7 +321,7 @@ class Instance:
 
     async def _serve(self, c: Command) -> Any:
         if c.kind == "bring_up":
-            await self._bring_up(c.attempts_seen)
+            await self._bring_up(c.attempts_seen, c.backoff)
             if c.admit and not self.try_acquire():
                 raise ModelUnavailable(self.last_error or f"{self.name} is {self.state.value}")
             return self.snapshot()
@@ -336,7 +345,7 @@ class Instance:
         self.state = state
         self._host.changed()
 
-    async def _bring_up(self, attempts_seen: int) -> None:
+    async def _bring_up(self, attempts_seen: int, backoff: bool) -> None:
         if self.state is State.RUNNING and self.engine is not None and not self.engine.exited:
             return
         if self.state is State.ERROR and self.failed_attempts != attempts_seen and self.last_error:
@@ -347,6 +356,8 @@ class Instance:
             return
         if self.state not in (State.STOPPED, State.ERROR):
             raise ModelUnavailable(f"{self.name} is {self.state.value}")
+        if backoff and self.state is State.ERROR:
+            self._host.check_start_backoff(self)  # a start that just failed is not retried (evicting) at once
         await self._start()
 
     async def _start(self) -> None:
@@ -372,10 +383,12 @@ class Instance:
             self._host.observe(self, "start", self._clock() - t0, False)
             self.failed_attempts += 1
             await self._fail(message, engine)
+            self._host.record_start(self, ok=False)
             if isinstance(exc, Exception):
                 raise ModelUnavailable(message) from None
             raise
         self._host.observe(self, "start", self._clock() - t0, True)
+        self._host.record_start(self, ok=True)
         self.startup_seconds = self._clock() - t0
         log.info("%s ready in %.1f s", self.name, self.startup_seconds)
         self._become_running(engine)

@@ -29,6 +29,7 @@ from vllama.gpu import GpuProbe
 from vllama.instance import Instance, Reservation, State
 from vllama.keep_alive import KeepAliveLoop, expires_at, ladder_for
 from vllama.metrics import Metrics
+from vllama.model_access import StartBackoff
 from vllama.placement import Placement, default_host_budget
 from vllama.pool import WarmPool
 from vllama.registry import Registry
@@ -73,13 +74,21 @@ class Manager:
             device_kind=probe.kind,
             fork=settings.pool_fork,
             modules=settings.pool_modules,
+            cuda_ids=probe.cuda_ids,  # spares see only vllama's GPUs
         )
-        self.registry = Registry(settings.models_path, self._new_instance)
+        self.registry = Registry(settings, self._new_instance)
+        self.start_backoff = StartBackoff(settings.start_backoff)  # no retry storm of a failing start
         host_budget = (
             int(settings.host_memory_gib * GIB) if settings.host_memory_gib is not None else default_host_budget()
         )
         self.placement = Placement(
-            settings, probe, self.registry, self.need_for, self._capacity_eviction, host_budget=host_budget
+            settings,
+            probe,
+            self.registry,
+            self.need_for,
+            self.demand_for,
+            self._capacity_eviction,
+            host_budget=host_budget,
         )
         self.keep_alive = KeepAliveLoop(settings, self.registry, self.placement, self._record_eviction)
         self.driver: Driver = driver or VllmDriver(
@@ -213,6 +222,12 @@ class Manager:
     def changed(self) -> None:
         self.placement.changed()
 
+    def check_start_backoff(self, inst: Instance) -> None:
+        self.start_backoff.check(inst.name, self.clock())
+
+    def record_start(self, inst: Instance, ok: bool) -> None:
+        self.start_backoff.record(inst.name, failed=not ok, message=inst.last_error, now=self.clock())
+
     def _taken_ports(self) -> set[int]:
         """Ports of running children and of strays: a new launch picks another."""
         taken = {i.engine.port for i in self.instances.values() if i.engine is not None}
@@ -240,8 +255,9 @@ class Manager:
     # --- admin operations ----------------------------------------------------------------------------------
 
     async def start(self, name: str) -> dict[str, object]:
-        """Start or wake `name`; its `ps` row once running."""
-        return await self.instance(name).bring_up()
+        """Start or wake `name` (at once, even while requests back off after a failed start); its `ps` row once
+        running."""
+        return await self.instance(name).bring_up(backoff=False)
 
     async def stop(self, name: str) -> dict[str, object]:
         """Stop `name` after its in-flight requests (Conflict if they do not finish); its row once stopped."""
@@ -299,7 +315,7 @@ class Manager:
             cfg.source or name,
             extra_args=cfg.extra_args,
             max_model_len=cfg.max_model_len,
-            tp=cfg.tp,
+            tp=cfg.device_count,
             sequences=cfg.auto_memory_sequences or self.settings.auto_memory_sequences,
             device_total=total,
             device_kind=self.probe.kind,
@@ -308,6 +324,24 @@ class Manager:
             self._sizing_cache.clear()
         self._sizing_cache[key] = (time.monotonic(), sized)
         return sized
+
+    def demand_for(self, inst: Instance, devices: tuple[int, ...] | None, waking: bool) -> scheduler.Demand:
+        """What `inst` needs on each candidate device. A fraction (gpu_memory_utilization, or vLLM's default)
+        stays a fraction, which the policy applies to each device's own total; bytes (gpu_memory_gib, an
+        auto-sizing estimate, a sleeper's memory) stay bytes."""
+        tp = inst.cfg.device_count
+        if waking:
+            return scheduler.Demand(
+                name=inst.name, need=inst.need, tp=tp, devices=devices, held=inst.asleep_held, waking=True
+            )
+        totals = {d.index: d.total for d in self.probe.devices()}
+        candidates = devices if devices is not None else tuple(totals)
+        largest = max(totals.get(d, 0) for d in candidates) if candidates else 0
+        need, util = self.need_for(inst.cfg, largest, inst.name)
+        sized = self.sizing_for(inst.name, inst.cfg, largest)
+        in_bytes = inst.cfg.gpu_memory_gib is not None or (sized is not None and sized.estimate is not None)
+        fraction = util if self.probe.kind == "cuda" and not in_bytes else None
+        return scheduler.Demand(name=inst.name, need=need, tp=tp, devices=devices, fraction=fraction)
 
     def _device_total(self, devices: tuple[int, ...]) -> int:
         totals = [d.total for d in self.probe.devices() if d.index in devices]
@@ -336,6 +370,8 @@ class Manager:
             {
                 "index": d.index,
                 "name": raw[d.index].name,
+                "uuid": raw[d.index].uuid,  # which GPU of the host this is
+                "nvml_index": raw[d.index].physical,
                 "kind": self.probe.kind,
                 "total_bytes": d.total,
                 "free_bytes": raw[d.index].free,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllama")
 
 NeedFor = Callable[[ModelConfig, int, str], tuple[int, float | None]]
+DemandFor = Callable[[Instance, "tuple[int, ...] | None", bool], scheduler.Demand]
 OnEviction = Callable[[Instance, str, str], None]  # victim, action (sleep_l1/sleep_l2/stop), for which model
 
 
@@ -46,6 +47,7 @@ class Placement:
         probe: GpuProbe,
         registry: Registry,
         need_for: NeedFor,
+        demand_for: DemandFor,
         on_eviction: OnEviction,
         *,
         host_budget: int,
@@ -54,6 +56,7 @@ class Placement:
         self.probe = probe
         self.registry = registry
         self.need_for = need_for
+        self.demand_for = demand_for
         self.on_eviction = on_eviction
         self.host_budget = host_budget
         self._changed = asyncio.Event()
@@ -158,22 +161,10 @@ class Placement:
         view, _ = self.memory_view()
         return {d.index: d.free for d in view if d.index in devices}
 
-    def demand(self, inst: Instance, devices: tuple[int, ...] | None, waking: bool) -> scheduler.Demand:
-        totals = {d.index: d.total for d in self.probe.devices()}
-        candidates = devices if devices is not None else tuple(totals)
-        if waking:
-            need = inst.need
-        else:
-            total = max(totals.get(d, 0) for d in candidates) if candidates else 0
-            need, _ = self.need_for(inst.cfg, total, inst.name)
-        return scheduler.Demand(
-            name=inst.name, need=need, tp=inst.cfg.tp, devices=devices, held=inst.asleep_held if waking else 0
-        )
-
     def plan(self, inst: Instance, waking: bool) -> tuple[scheduler.Plan, scheduler.Demand]:
         fixed = inst.devices if waking else (tuple(inst.cfg.devices) if inst.cfg.devices else None)
         devices, residents = self.memory_view()
-        demand = self.demand(inst, fixed, waking)
+        demand = self.demand_for(inst, fixed, waking)
         plan = scheduler.plan_placement(
             devices,
             residents,
@@ -181,15 +172,18 @@ class Placement:
             can_sleep=self.probe.supports_sleep,
             host_free=self.host_free() if self.probe.supports_sleep else None,
             loading=self.loading(exclude=inst),
+            links=self.probe.links,
         )
         return plan, demand
 
     def _reservation(self, devices: tuple[int, ...], demand: scheduler.Demand, inst: Instance) -> Reservation:
-        if demand.held or inst.state is State.SLEEPING:  # a wake: same devices, same fraction
+        if demand.waking:  # same devices, same fraction
             return Reservation(devices, demand.need, inst.gpu_memory_utilization)
-        totals = [d.total for d in self.probe.devices() if d.index in devices]
-        _, util = self.need_for(inst.cfg, min(totals) if totals else 0, inst.name)
-        return Reservation(devices, demand.need, util)
+        totals = {d.index: d.total for d in self.probe.devices()}
+        needs = demand.needs(totals, devices)
+        _, util = self.need_for(inst.cfg, min(totals[d] for d in devices), inst.name)
+        # one number per instance: the largest (a larger device of an unequal set needs more of its own total)
+        return Reservation(devices, max(needs.values()), util)
 
     # --- execution (run by the owner of the model being placed) --------------------------------------------
 
@@ -212,7 +206,8 @@ class Placement:
                 if not plan.evictions:
                     return self._reservation(plan.devices, demand, inst)
                 victim = self.registry.instances.get(plan.evictions[0].name)
-                wanted = {d: demand.need - demand.held for d in plan.devices}
+                totals = {d.index: d.total for d in self.probe.devices()}
+                wanted = {d: n - demand.held for d, n in demand.needs(totals, plan.devices).items()}
                 if victim is not None and await self._evict(victim, plan.evictions[0], inst.name, wanted):
                     continue
                 # the victim became busy since the plan was made: plan again once something changes

@@ -53,7 +53,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,19 +162,28 @@ def set_priority(pid: int, nice: int) -> None:
 
 
 def launch_template(
-    name: str, cfg: ModelConfig, settings: Settings, device_kind: str, sleep_mode: bool
+    name: str,
+    cfg: ModelConfig,
+    settings: Settings,
+    device_kind: str,
+    sleep_mode: bool,
+    cuda_ids: Callable[[Sequence[int]], list[str]] | None = None,
 ) -> eng.LaunchSpec:
-    """The launch a model would get (on port 0, the first devices): where its engine environment comes from."""
+    """The launch a model would get (on port 0, the first devices): where its engine environment comes from.
+    `cuda_ids` (the probe's) maps vllama's devices to the GPUs a child names: a spare never sees a GPU outside
+    vllama's selection."""
+    devices = tuple(range(cfg.device_count))
     return eng.build_launch(
         name=name,
         cfg=cfg,
         vllm_command=settings.vllm_command,
         port=0,
-        devices=tuple(range(cfg.tp)),
+        devices=devices,
         device_kind=device_kind,
         gpu_memory_utilization=None,
         logs_dir=settings.logs_dir,
         sleep_mode=sleep_mode,
+        cuda_ids=cuda_ids(devices) if cuda_ids is not None else None,
     )
 
 
@@ -225,8 +234,10 @@ class WarmPool:
         modules: Iterable[str] = DEFAULT_MODULES,
         nice: int | None = None,
         clock: Any = time.monotonic,
+        cuda_ids: Callable[[Sequence[int]], list[str]] | None = None,
     ) -> None:
         self.size = max(0, size)
+        self.cuda_ids = cuda_ids
         self.logs_dir = logs_dir
         self.stop_grace = stop_grace
         self.device_kind = device_kind
@@ -273,7 +284,7 @@ class WarmPool:
         """Keep spares for the engine environments of these configured models (the default one if none)."""
         entries = [(n, c) for n, c in models.items() if c.prewarm] if models else [("default", ModelConfig())]
         for name, cfg in entries:
-            spec = launch_template(name, cfg, settings, self.device_kind, sleep_mode)
+            spec = launch_template(name, cfg, settings, self.device_kind, sleep_mode, self.cuda_ids)
             self.want(cfg.vllm_command or settings.vllm_command, spec.env)
 
     def live(self, key: PoolKey) -> list[Spare]:

@@ -3,11 +3,13 @@
 Per request: read the body, take the model name from it, acquire the instance (one in-flight count, O(1); no
 lock when it is running), send the request upstream on a pooled keep-alive connection, and relay the answer.
 Streams (SSE) go to the client as they arrive, whatever bytes vLLM's chunks hold, never re-parsed or
-re-assembled; other answers are read whole first, so a child that dies mid-answer still yields a clean 502 in
-the OpenAI error shape (mid-stream it ends the stream with an error event). The request counts as in flight
+re-assembled; other answers are read whole first (up to BUFFER_LIMIT, then relayed as they come), so a child
+that dies mid-answer still yields a clean 502 in the OpenAI error shape (mid-stream it ends the stream with an
+error event). The request counts as in flight
 until the last byte reaches the client or the client goes away; a client that goes away closes the upstream
 connection, which makes vLLM abort the request. A request that never reached vLLM because its child had just
-died (connection refused, or closed before any answer: `Instance.child_died`) is sent once more, to a fresh child.
+died (connection refused, or closed before any answer: `Instance.child_died`) is sent once more, to a fresh child;
+a kept-alive connection closed or reset before any byte of the answer is sent once more on a fresh connection.
 A child that sends no answer within `VLLAMA_RESPONSE_TIMEOUT` and fails its health check is killed (504).
 
 The upstream client is a small HTTP/1.1 client on asyncio (httptools parses the answer, in C): per chunk, one
@@ -62,6 +64,9 @@ _HOP_BY_HOP = frozenset(
 _SSE = b"text/event-stream"
 _HIGH_WATER = 256 * 1024  # bytes buffered from vLLM (client slower than the model) before reading pauses
 _CONNECT_TIMEOUT = 10.0
+# a non-streamed answer is held whole up to this size, so that a child dying mid-answer is a clean 502; a
+# larger one (a big embeddings batch) is relayed as it comes, keeping vllama's memory bounded per request
+BUFFER_LIMIT = 16 * 1024 * 1024
 
 
 def _header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -304,10 +309,12 @@ class RawClient:
             conn.transport.write(request)
             try:
                 await conn.head()
-            except UpstreamClosed:
-                # a kept-alive connection the server closed (its idle timeout) just as it was reused: the request
-                # was never read, so sending it again on a new connection is safe
+            except ConnectionError:  # UpstreamClosed, ConnectionResetError, BrokenPipeError...
+                # a kept-alive connection the server closed or reset (its idle timeout, a restart) just as it was
+                # reused, before any byte of an answer: sent again once, on a fresh connection (vLLM aborts a
+                # request whose connection goes away, so it was not served)
                 if reused and not conn.received and attempt == 1:
+                    await conn.abort()
                     continue
                 raise
             except BaseException:
@@ -581,26 +588,34 @@ class Relay:
         send = self.send
         headers = up.headers
         content_type = _header_value(headers, b"content-type") or b""
+        chunks: list[bytes] = []
         if not content_type.startswith(_SSE):
-            chunks = []
+            size, complete = 0, False
             try:
-                while True:
+                while size <= BUFFER_LIMIT:
                     data, complete = await up.read()
                     chunks.append(data)
+                    size += len(data)
                     if complete:
                         break
             except CLIENT_ERRORS as exc:
                 err = UpstreamError(f"{self.inst.name} (log: {engine.spec.log_path}) failed while answering: {exc!r}")
                 await send_error(send, err)
                 return False
-            data = b"".join(chunks)
-            headers = [*headers, (b"content-length", str(len(data)).encode())]
-            self.done = True
-            await send({"type": "http.response.start", "status": up.status, "headers": headers})
-            await send({"type": "http.response.body", "body": data})
-            return True
+            if complete:
+                data = b"".join(chunks)
+                headers = [*headers, (b"content-length", str(len(data)).encode())]
+                self.done = True
+                await send({"type": "http.response.start", "status": up.status, "headers": headers})
+                await send({"type": "http.response.body", "body": data})
+                return True
+            # over the limit: relay the rest as it comes (chunked); a failure from here on cuts the answer short,
+            # which the client's HTTP parser reports (the connection closes before the final chunk)
         await send({"type": "http.response.start", "status": up.status, "headers": headers})
         try:
+            if chunks:
+                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                chunks = []
             while True:
                 data, complete = await up.read()
                 if complete:
@@ -609,6 +624,9 @@ class Relay:
                     return True
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         except CLIENT_ERRORS as exc:
+            if not content_type.startswith(_SSE):
+                # a plain answer cut short: no event to add; ending without the last chunk tells the client
+                return False
             # the child died mid-stream: tell the client in the stream, then end it
             err = UpstreamError(f"{self.inst.name} (log: {engine.spec.log_path}) stopped mid-stream: {exc!r}")
             event = {"error": err.to_body()["error"]}

@@ -4,18 +4,15 @@ instance (owner) per canonical name."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
-from pathlib import Path
 
-from vllama.config import ModelConfig, ModelsFile, load_models_file
+from vllama.config import ModelConfig, ModelsFile, Settings, load_models_file
 from vllama.errors import ConfigError, ModelNotFound
 from vllama.instance import Instance
+from vllama.model_access import unconfigured_source
 from vllama.sizing import hf_cache_dir
 
 log = logging.getLogger("vllama")
-
-_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def cached_hf_models() -> list[str]:
@@ -26,19 +23,10 @@ def cached_hf_models() -> list[str]:
     return sorted(p.name[len("models--") :].replace("--", "/") for p in root.glob("models--*") if p.is_dir())
 
 
-def is_local_path(name: str) -> bool:
-    """An absolute or ~ path that exists (a request may name any string: "~nobody", NUL bytes...)."""
-    if not name.startswith(("/", "~")):
-        return False
-    try:
-        return Path(name).expanduser().exists()
-    except (RuntimeError, ValueError, OSError):  # no such user's home, an embedded NUL, a name too long
-        return False
-
-
 class Registry:
-    def __init__(self, models_path: Path, new_instance: Callable[[str, ModelConfig], Instance]) -> None:
-        self.models_path = models_path
+    def __init__(self, settings: Settings, new_instance: Callable[[str, ModelConfig], Instance]) -> None:
+        self.settings = settings
+        self.models_path = settings.models_path
         self.instances: dict[str, Instance] = {}
         self.config_error: str | None = None
         self._new_instance = new_instance
@@ -84,14 +72,11 @@ class Registry:
             return canonical, cfg
         if canonical in self.instances:
             return canonical, self.instances[canonical].cfg
-        if _HF_ID.match(name) or is_local_path(name):
-            return name, ModelConfig()
-        known = ", ".join(sorted(models.models)) or "none configured"
-        raise ModelNotFound(
-            f"model {name!r} is not configured in {self.models_path}, is not a local path and not a "
-            f"Hugging Face id (org/name). Configured models: {known}",
-            param="model",
-        )
+        # whether an unconfigured name may start (VLLAMA_ALLOW_MODELS) is vllama/model_access.py's call
+        known = ", ".join(sorted(models.models)) or f"none ({self.models_path} configures none)"
+        keyed = bool(self.settings.api_key or self.settings.admin_api_key)
+        source = unconfigured_source(name, self.settings.allow_models, has_api_key=keyed, configured=known)
+        return name, ModelConfig() if source == name else ModelConfig(model=source)
 
     def instance(self, name: object) -> Instance:
         """The owner of a requested model, created on first use."""

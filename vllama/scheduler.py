@@ -5,10 +5,16 @@ memory, `plan_placement` answers where the model goes and which idle instances t
 least recently used first. The manager executes the plan step by step and re-reads real memory after each.
 
 vLLM's memory rule: `gpu_memory_utilization × total` must be FREE on every device of an instance when it
-starts (not divided by the tensor-parallel size), so the need is per device, on each device of the placement.
-A sleeping vLLM still holds memory (its CUDA context): sleeping frees `held - asleep_held`, stopping frees
-all. Level-1 sleep keeps the weights in host memory: a level-1 eviction is chosen only while the host budget
-(`host_free`) has room for that model's weights, else level 2.
+starts (not divided by the tensor-parallel size), so the need is per device, on each device of the placement,
+and computed from that device's own total: on an 80 GB + 48 GB host, 0.9 is 72 GB on one and 43 GB on the other
+(`Demand.needs`). A sleeping vLLM still holds memory (its CUDA context): sleeping frees `held - asleep_held`,
+stopping frees all. Level-1 sleep keeps the weights in host memory: a level-1 eviction is chosen only while the
+host budget (`host_free`) has room for that model's weights, else level 2.
+
+Fairness is per device: only instances on a device of the candidate placement can be evicted for it, and only
+while that device is short; an instance on several devices (tensor parallel) counts on each of them. A model
+with several devices and no fixed `devices` gets the best set of that size: the fewest and cheapest evictions,
+then NVLink-linked devices (`links`), then the most memory left.
 
 On a GPU, vLLM sizes its memory from what is free while it initialises: no other start, wake or eviction may
 happen on a device while a model loads there (`loading`).
@@ -17,7 +23,7 @@ happen on a device while a model loads there (`loading`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,13 +60,29 @@ class Resident:
 
 @dataclass(frozen=True)
 class Demand:
-    """A model that needs `need` bytes free on each of its devices (`tp` of them)."""
+    """A model that needs memory free on each of its devices (`tp` of them: every GPU of one instance).
+
+    How much on each device (`needs`): `fraction` × that device's total when set (gpu_memory_utilization);
+    else `need` bytes. A start with a need in bytes gives vLLM one fraction for all its devices, need / the
+    smallest total of the set, so on unequal devices a larger one needs that fraction of its own total free.
+    A wake (`waking`) takes back `need` bytes on each device, what the instance held."""
 
     name: str
-    need: int
+    need: int = 0
     tp: int = 1
     devices: tuple[int, ...] | None = None  # fixed by config, or by where a sleeping instance lives
     held: int = 0  # what the model itself already holds on each of its devices (a sleeper's context)
+    fraction: float | None = None
+    waking: bool = False
+
+    def needs(self, totals: Mapping[int, int], devices: Sequence[int]) -> dict[int, int]:
+        """Bytes that must be free on each of `devices` (with `totals`, bytes per device index)."""
+        if self.fraction is not None:
+            return {i: int(self.fraction * totals[i]) for i in devices}
+        smallest = min((totals[i] for i in devices), default=0)
+        if self.waking or smallest <= 0:
+            return dict.fromkeys(devices, self.need)
+        return {i: self.need * totals[i] // smallest for i in devices}
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,7 @@ class Blocked:
     reason: str
     wait: bool
     holders: tuple[str, ...] = field(default=())
+    devices: tuple[int, ...] = ()  # the placement it is about (when waiting: where to wait for room)
 
 
 Plan = Placement | Blocked
@@ -104,20 +127,27 @@ def plan_placement(
     can_sleep: bool = True,
     host_free: int | None = None,
     loading: Mapping[int, str] | None = None,
+    links: Collection[frozenset[int]] = frozenset(),
 ) -> Plan:
     """Where `demand` goes and what to evict first. `can_sleep=False` (no sleep mode, e.g. CPU) turns every
     eviction into a stop. `host_free`: room left in the host budget for level-1 sleepers' weights (None: no
-    limit). `loading`: device → the model loading there now (its devices are not used until it is done)."""
+    limit). `loading`: device → the model loading there now (its devices are not used until it is done).
+    `links`: pairs of devices linked by NVLink, preferred for a model on several."""
     by_index = {d.index: d for d in devices}
     if demand.devices is not None:
         unknown = [i for i in demand.devices if i not in by_index]
         if unknown:
-            return Blocked(f"device(s) {unknown} do not exist (have {sorted(by_index)})", wait=False)
+            return Blocked(
+                f"device(s) {unknown} do not exist (have {sorted(by_index)}: vllama numbers its GPUs from 0 in "
+                "the order of VLLAMA_DEVICES or CUDA_VISIBLE_DEVICES)",
+                wait=False,
+            )
         candidates = [tuple(demand.devices)]
     else:
         if demand.tp > len(by_index):
             return Blocked(
-                f"tensor_parallel_size {demand.tp} needs {demand.tp} devices, only {len(by_index)} exist",
+                f"{demand.name} needs {demand.tp} devices (tensor_parallel_size × pipeline_parallel_size), "
+                f"only {len(by_index)} exist",
                 wait=False,
             )
         candidates = list(itertools.combinations(sorted(by_index), demand.tp))
@@ -128,20 +158,30 @@ def plan_placement(
     ]
     placements = [p for p in plans if isinstance(p, Placement)]
     if placements:
-        return min(placements, key=lambda p: _placement_cost(p, by_index, demand))
+        last_used = {r.name: r.last_used for r in residents}
+        return min(placements, key=lambda p: _placement_cost(p, by_index, demand, links, last_used))
     blocked = [p for p in plans if isinstance(p, Blocked)]
     waiting = [b for b in blocked if b.wait]
     return min(waiting, key=lambda b: len(b.holders)) if waiting else blocked[0]
 
 
 def _placement_cost(
-    p: Placement, by_index: dict[int, DeviceMemory], demand: Demand
-) -> tuple[int, int, int, tuple[int, ...]]:
+    p: Placement,
+    by_index: dict[int, DeviceMemory],
+    demand: Demand,
+    links: Collection[frozenset[int]],
+    last_used: dict[str, float],
+) -> tuple[int, int, float, int, int, tuple[int, ...]]:
     cost = sum(_EVICTION_COST[e.level] for e in p.evictions)
+    # tensor parallelism all-reduces every layer: pairs of the set without NVLink go over PCIe
+    unlinked = sum(1 for pair in itertools.combinations(p.devices, 2) if frozenset(pair) not in links)
+    # equal evictions on different devices: evict the least recently used models, whichever device they are on
+    newest_victim = max((last_used.get(e.name, 0.0) for e in p.evictions), default=0.0)
     freed = sum(e.frees for e in p.evictions)
     # with no eviction, spread models out: prefer the devices with the most memory left afterwards
-    left = min(by_index[i].free - demand.need for i in p.devices)
-    return cost, freed, -left, p.devices
+    need = demand.needs({i: d.total for i, d in by_index.items()}, p.devices)
+    left = min(by_index[i].free - need[i] for i in p.devices)
+    return cost, unlinked, newest_victim, freed, -left, p.devices
 
 
 def _busy_loading(devs: tuple[int, ...], loading: Mapping[int, str], demand: Demand) -> Blocked | None:
@@ -149,7 +189,7 @@ def _busy_loading(devs: tuple[int, ...], loading: Mapping[int, str], demand: Dem
     if not busy:
         return None
     where = ", ".join(f"{name} is loading on device {i}" for i, name in busy.items())
-    return Blocked(f"{demand.name} waits: {where}", wait=True, holders=tuple(sorted(set(busy.values()))))
+    return Blocked(f"{demand.name} waits: {where}", wait=True, holders=tuple(sorted(set(busy.values()))), devices=devs)
 
 
 def _plan_on(
@@ -160,14 +200,15 @@ def _plan_on(
     can_sleep: bool,
     host_free: int | None,
 ) -> Plan:
+    need = demand.needs({i: d.total for i, d in by_index.items()}, devs)
     for i in devs:
-        if demand.need > by_index[i].total:
+        if need[i] > by_index[i].total:
             return Blocked(
-                f"{demand.name} needs {_gib(demand.need)} on device {i}, which has only "
-                f"{_gib(by_index[i].total)} in total",
+                f"{demand.name} needs {_gib(need[i])} on device {i}, which has only {_gib(by_index[i].total)} in total",
                 wait=False,
+                devices=devs,
             )
-    deficit = {i: demand.need - demand.held - by_index[i].free for i in devs}
+    deficit = {i: need[i] - demand.held - by_index[i].free for i in devs}
     if all(v <= 0 for v in deficit.values()):
         return Placement(devs)
 
@@ -224,21 +265,24 @@ def _plan_on(
     busy = [r for r in others if not r.evictable and not r.pinned and any(i in short_on for i in r.devices)]
     could_free = {i: sum(r.held for r in busy if i in r.devices) for i in short_on}
     where = ", ".join(f"device {i} short by {_gib(v)}" for i, v in short_on.items())
+    wanted = ", ".join(f"{_gib(n)} on device {i}" for i, n in need.items())
     if busy and all(could_free[i] >= short_on[i] for i in short_on):
         names = tuple(r.name for r in busy)
         return Blocked(
-            f"{demand.name} needs {_gib(demand.need)} per device; {where} after evicting every idle model; "
+            f"{demand.name} needs {wanted}; {where} after evicting every idle model; "
             f"busy models hold the rest: {', '.join(names)}",
             wait=True,
             holders=names,
+            devices=devs,
         )
     holders = tuple(r.name for r in others if any(i in short_on for i in r.devices))
     pinned = [r.name for r in others if r.pinned]
     return Blocked(
-        f"{demand.name} needs {_gib(demand.need)} per device and does not fit: {where} even after evicting "
+        f"{demand.name} needs {wanted} and does not fit: {where} even after evicting "
         f"every idle model" + (f" (pinned: {', '.join(pinned)})" if pinned else ""),
         wait=False,
         holders=holders,
+        devices=devs,
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -19,19 +21,24 @@ from vllama import __version__, metrics
 from vllama.api import admin, ollama, openai, ui
 from vllama.auth import ApiKeyMiddleware
 from vllama.config import Settings
-from vllama.errors import VllamaError, error_body
-from vllama.gpu import GIB, GpuProbe, make_probe
+from vllama.errors import ConfigError, VllamaError, error_body
+from vllama.gpu import GIB, GpuProbe, device_selection, make_probe
 from vllama.manager import Manager
 
 log = logging.getLogger("vllama")
 
 
 def probe_from_settings(settings: Settings) -> GpuProbe:
+    selection, source = device_selection(settings.devices, os.environ)
     return make_probe(
         settings.gpu_probe,
         cpu_budget=int(settings.cpu_memory_gib * GIB) if settings.cpu_memory_gib else None,
         ledger=settings.fake_gpu_ledger,
         fake_totals=[int(g * GIB) for g in settings.fake_gpu_total_gib],
+        selection=selection,
+        source=source,
+        fake_mig=settings.fake_gpu_mig,
+        fake_links=settings.fake_gpu_nvlink,
     )
 
 
@@ -45,7 +52,10 @@ def create_app(settings: Settings, probe: GpuProbe | None = None) -> FastAPI:
             "vllama %s: %s devices %s, models file %s",
             __version__,
             manager.probe.kind,
-            [d.name for d in manager.probe.devices()],
+            [
+                f"{d.index}: {d.name} {d.uuid} (NVML {d.physical})" if d.uuid else d.name
+                for d in manager.probe.devices()
+            ],
             settings.models_path,
         )
         if not settings.api_key and settings.host not in ("127.0.0.1", "::1", "localhost"):
@@ -109,7 +119,11 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # e.g. a CUDA_VISIBLE_DEVICES / VLLAMA_DEVICES that names no GPU
+        print(f"vllama: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal with the handler found at start-up:
     # make that one exit 0, so a clean `kill PID` is a clean exit (and not "killed by SIGTERM")
     signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -31,11 +32,11 @@ from starlette.types import Receive, Scope, Send
 
 from vllama import __version__
 from vllama.api.deps import manager_of
+from vllama.api.openai import startable_cached_models
 from vllama.config import KeepAlive, ModelConfig, parse_duration
-from vllama.errors import BadRequest, ModelNotFound, PayloadTooLarge, UpstreamError, VllamaError
+from vllama.errors import BadRequest, Conflict, ModelNotFound, PayloadTooLarge, UpstreamError, VllamaError
 from vllama.instance import Instance, State
 from vllama.manager import Manager
-from vllama.registry import cached_hf_models
 from vllama.sizing import hf_cache_dir
 
 router = APIRouter()
@@ -161,7 +162,34 @@ def _image_url(image: str) -> str:
     return f"data:image/{kind};base64,{image}"
 
 
-def openai_message(m: Any) -> Json:
+def openai_messages(messages: list[Any]) -> list[Json]:
+    """Ollama messages → OpenAI's. Ollama's tool calls carry no id and its tool results name the tool
+    (`tool_name`) instead: the assistant's calls get ids (`call_<message>_<call>`, unique in the conversation),
+    and a tool result without `tool_call_id` takes the id of the first unanswered call of its tool, else of the
+    first unanswered call, so the chat template pairs each result with its call."""
+    out: list[Json] = []
+    pending: list[tuple[str, str]] = []  # (id, tool name) of the latest assistant calls not answered yet
+    for position, m in enumerate(messages):
+        message = openai_message(m, position)
+        if message.get("tool_calls"):
+            pending = [(c["id"], c["function"]["name"]) for c in message["tool_calls"]]
+        if message["role"] == "tool":
+            call_id = message.get("tool_call_id")
+            name = m.get("tool_name")
+            answered = next((c for c in pending if c[0] == call_id), None)
+            answered = answered or next((c for c in pending if c[1] == name), None)
+            if answered is None and pending:
+                answered = pending[0]
+            if answered is not None:
+                pending.remove(answered)
+                message["tool_call_id"] = call_id or answered[0]
+            else:
+                message["tool_call_id"] = call_id or f"call_{name or position}"
+        out.append(message)
+    return out
+
+
+def openai_message(m: Any, position: int = 0) -> Json:
     if not isinstance(m, dict):
         raise BadRequest("messages: each message must be an object with a role and a content")
     role, content = m.get("role") or "user", m.get("content") or ""
@@ -174,22 +202,25 @@ def openai_message(m: Any) -> Json:
     else:
         out["content"] = content
     calls = m.get("tool_calls") or []
-    if calls:
+    if isinstance(calls, list) and calls:
         out["tool_calls"] = [
             {
-                "id": call.get("id") or f"call_{i}",
+                "id": str(call.get("id") or f"call_{position}_{i}"),
                 "type": "function",
-                "function": {
-                    "name": (call.get("function") or {}).get("name", ""),
-                    "arguments": _arguments_text((call.get("function") or {}).get("arguments")),
-                },
+                "function": {"name": str(fn.get("name") or ""), "arguments": _arguments_text(fn.get("arguments"))},
             }
             for i, call in enumerate(calls)
             if isinstance(call, dict)
+            for fn in [_function_of(call)]
         ]
-    if role == "tool":
-        out["tool_call_id"] = m.get("tool_call_id") or m.get("tool_name") or "call_0"
+    if role == "tool" and isinstance(m.get("tool_call_id"), str) and m["tool_call_id"]:
+        out["tool_call_id"] = m["tool_call_id"]  # else openai_messages pairs it with its call
     return out
+
+
+def _function_of(call: Json) -> Json:
+    fn = call.get("function")
+    return fn if isinstance(fn, dict) else {}
 
 
 def _arguments_text(arguments: Any) -> str:
@@ -205,7 +236,7 @@ def chat_body(model: str, payload: Json) -> Json:
         raise BadRequest("messages must be a list")
     body: Json = {
         "model": model,
-        "messages": [openai_message(m) for m in messages],
+        "messages": openai_messages(messages),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -392,6 +423,18 @@ class Generation:
         }
 
 
+def _sse_event(data: bytes) -> Json:
+    """One `data:` payload of vLLM's stream; anything but a JSON object ends the answer with an upstream error
+    (which the client gets as an error line, or a 502 when not streaming) instead of an unhandled exception."""
+    try:
+        event = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        event = None
+    if not isinstance(event, dict):
+        raise UpstreamError(f"the model's vLLM server sent a malformed stream event: {data[:200]!r}")
+    return event
+
+
 async def stream_generation(
     http: aiohttp.ClientSession, url: str, body: Json, gen: Generation
 ) -> AsyncIterator[tuple[str, str]]:
@@ -411,7 +454,7 @@ async def stream_generation(
             data = line[5:].strip()
             if data == b"[DONE]":
                 break
-            event = json.loads(data)
+            event = _sse_event(data)
             if "error" in event:
                 err = event["error"]
                 raise UpstreamError(str(err.get("message") if isinstance(err, dict) else err))
@@ -565,6 +608,8 @@ async def load_or_unload(request: Request, payload: Json) -> str:
     name = resolve(m, payload.get("model"))
     keep_alive = parse_keep_alive(payload.get("keep_alive"))
     if keep_alive is not None and keep_alive.stop == 0:
+        if m.resolve(name)[1].pinned:  # pinned holds against a request's unload, as against keep-alive and eviction
+            raise Conflict(f"{name} is pinned in models.yaml: a request does not unload it (`vllama stop {name}` does)")
         inst = m.instances.get(name)
         if inst is not None and inst.state is not State.STOPPED:
             await m.stop(name)
@@ -643,12 +688,38 @@ def model_files(name: str, cfg: ModelConfig | None) -> Path | None:
     return None
 
 
+_WALK_LIMIT = 5000  # entries looked at under a model's folder: a request must never make vllama walk a disk
+
+
+def bounded_files(root: Path, limit: int = _WALK_LIMIT) -> list[Path]:
+    """The files under `root` (symlinked files followed, symlinked folders not), from the first `limit` entries
+    met: unreadable folders are skipped, nothing is sorted before the cut."""
+    files: list[Path] = []
+    pending, seen = [root], 0
+    while pending and seen < limit:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > limit:
+                        break
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(Path(entry.path))
+                        elif entry.is_file():
+                            files.append(Path(entry.path))
+        except OSError:  # unreadable (permissions), gone, not a folder
+            continue
+    return files
+
+
 def describe(name: str, cfg: ModelConfig | None, fallback_time: float) -> Json:
     """Ollama's listing fields for one model (size, digest, format and family read from its files if local)."""
     root = model_files(name, cfg)
     size, modified, fmt, family = 0, fallback_time, "", ""
     if root is not None:
-        files = [root] if root.is_file() else [p for p in sorted(root.rglob("*"))[:5000] if p.is_file()]
+        files = [root] if root.is_file() else bounded_files(root)
         with contextlib.suppress(OSError):
             modified = root.stat().st_mtime
         for p in files:
@@ -686,7 +757,7 @@ async def tags(request: Request) -> Json:
     """Every model vllama can serve: configured, requested so far, and in the local Hugging Face cache."""
     m = manager_of(request)
     models = m.models
-    names = list(dict.fromkeys([*models.models, *m.instances, *cached_hf_models()]))
+    names = list(dict.fromkeys([*models.models, *m.instances, *startable_cached_models(m)]))
     try:
         fallback = m.settings.models_path.stat().st_mtime
     except OSError:

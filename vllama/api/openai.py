@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,8 @@ from starlette.routing import Route
 
 from vllama import proxy
 from vllama.api.deps import manager_of
+from vllama.errors import ModelNotFound
+from vllama.manager import Manager
 from vllama.registry import cached_hf_models
 
 
@@ -53,6 +56,17 @@ for _path in proxy.PROXIED_PATHS:
     _schema_only(_path)
 
 
+def startable_cached_models(manager: Manager) -> list[str]:
+    """The models of the local Hugging Face cache that a request may start here (VLLAMA_ALLOW_MODELS): a listing
+    shows no model that would answer 403."""
+    names = []
+    for name in cached_hf_models():
+        with contextlib.suppress(ModelNotFound):
+            manager.resolve(name)
+            names.append(name)
+    return names
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """Configured, running and locally cached models, each with its state."""
@@ -85,7 +99,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         add(name, "models.yaml")
     for name in manager.instances:
         add(name, "requested")
-    for name in cached_hf_models():
+    for name in startable_cached_models(manager):
         add(name, "hf-cache")
     return {"object": "list", "data": list(entries.values())}
 

@@ -3,7 +3,8 @@
 Launched exactly like vLLM, so the manager cannot tell the difference:
 
     python -m vllama.testing.fake_engine --model M --served-model-name NAME --host 127.0.0.1 --port P
-        [--gpu-memory-utilization U] [--max-model-len N] [--tensor-parallel-size T] [--enable-sleep-mode]
+        [--gpu-memory-utilization U] [--max-model-len N] [--tensor-parallel-size T] [--pipeline-parallel-size P]
+        [--enable-sleep-mode]
 
 Other vLLM flags are accepted and ignored. It mirrors the vLLM behaviour vllama depends on (DESIGN.md): the
 port opens only once "loaded"; startup fails unless U × total is free on every device of the instance; sleep
@@ -14,7 +15,8 @@ a full GPU fails with "out of memory" and breaks the engine for good; level 2 + 
 Environment knobs:
   VLLAMA_FAKE_GPU_LEDGER     shared ledger folder (unset: no memory simulation, everything fits)
   VLLAMA_FAKE_GPU_TOTAL_GIB  device totals, comma list of GiB (default "8")
-  CUDA_VISIBLE_DEVICES       devices of this instance (default "0"); the first T are used for TP size T
+  CUDA_VISIBLE_DEVICES       physical devices of this instance (default "0"), integers only as vLLM reads
+                             them; the first T × P are used (the ledger records these physical indices)
   FAKE_ENGINE_NEED_GIB       memory need per device, overriding U × total
   FAKE_ENGINE_CONTEXT_GIB    residue held per device while asleep (default 0.5)
   FAKE_ENGINE_STARTUP_S      seconds before the memory check and the port opening (default 0.5)
@@ -222,6 +224,7 @@ class FakeEngine:
     def __init__(self, args: argparse.Namespace, ledger: Ledger, need: dict[int, int]) -> None:
         self.names: list[str] = args.served_model_name or [args.model]
         self.root, self.max_model_len, self.tp = args.model, args.max_model_len, args.tensor_parallel_size
+        self.pp = args.pipeline_parallel_size
         self.ledger, self.need = ledger, need
         context = int(env_float("FAKE_ENGINE_CONTEXT_GIB", 0.5) * GIB)
         self.residue = {d: min(context, n) for d, n in need.items()}
@@ -297,6 +300,12 @@ class FakeEngine:
                 "broken": self.broken,
                 "cancelled": self.cancelled,
                 "credentials_seen": self.credentials_seen,
+                # where vllama put it: the GPUs it was given (physical indices) and how CUDA numbers them
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+                "devices": self.ledger.devices,
+                "tensor_parallel_size": self.tp,
+                "pipeline_parallel_size": self.pp,
             }
         )
 
@@ -524,7 +533,7 @@ class FakeEngine:
             if self.broken or "weights" in self.asleep_tags:
                 return error(500, "reload_weights failed: the weights are asleep", "InternalServerError")
             self.weights_ok = True
-        return json_response({"results": [None] * self.tp})
+        return json_response({"results": [None] * (self.tp * self.pp)})
 
 
 # --- process ---------------------------------------------------------------------------------------------
@@ -537,6 +546,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=parse_len, default=2048)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--enable-sleep-mode", action="store_true")
     return p.parse_known_args(argv)[0]
 
@@ -613,15 +623,21 @@ def main(argv: list[str] | None = None) -> int:
         log("hanging before the port opens (FAKE_ENGINE_HANG)")
         while True:
             time.sleep(3600)
-    visible = [int(x) for x in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if x.strip()]
-    tp = max(args.tensor_parallel_size, 1)
+    tp = max(args.tensor_parallel_size, 1) * max(args.pipeline_parallel_size, 1)  # the world size
     folder = os.environ.get("VLLAMA_FAKE_GPU_LEDGER")
     totals = [int(float(x) * GIB) for x in os.environ.get("VLLAMA_FAKE_GPU_TOTAL_GIB", "8").split(",")]
     core = None
     if os.environ.get("FAKE_ENGINE_CORE_PROCESS"):  # the memory belongs to a child, like VLLM::EngineCore
         core = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(3600)"])
-    ledger = Ledger(Path(folder) if folder else None, visible[:tp], totals, core.pid if core else os.getpid())
+    visible: list[int] = []
+    ledger = Ledger(Path(folder) if folder else None, [], totals, core.pid if core else os.getpid())
     try:
+        # like vLLM (0.26), which reads each entry with int(): a GPU or MIG UUID fails here
+        try:
+            visible = [int(x) for x in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if x.strip()]
+        except ValueError as e:
+            raise StartupError(f"ValueError: {e} (CUDA_VISIBLE_DEVICES)") from None
+        ledger = Ledger(ledger.folder, visible[:tp], totals, ledger.pid)
         if tp > len(visible):
             raise StartupError(f"ValueError: World size ({tp}) is larger than the number of available GPUs "
                                f"({len(visible)}) in this node.")  # fmt: skip

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ class StubProbe:
 
     kind = "cuda"
     supports_sleep = True
+    links: frozenset[frozenset[int]] = frozenset()
 
     def __init__(self, totals: list[int]) -> None:
         self.totals = totals
@@ -42,6 +43,9 @@ class StubProbe:
 
     def process_memory(self) -> dict[int, dict[int, int]]:
         return {pid: dict(per_device) for pid, per_device in self.held.items()}
+
+    def cuda_ids(self, indices: Sequence[int]) -> list[str]:
+        return [str(i) for i in indices]
 
 
 @dataclass

@@ -150,6 +150,9 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
             lines.append(f"! {r['model']}: {r['last_error']}")
         if r.get("memory_sizing"):
             lines.append(f"  {r['model']}: {r['memory_sizing']}")
+        for a in r.get("adapters") or []:
+            busy = f", {a['in_flight']} in flight" if a["in_flight"] else ""
+            lines.append(f"  {r['model']} + adapter {a['name']}: {'loaded' if a['loaded'] else 'not loaded'}{busy}")
     return "\n".join(lines)
 
 

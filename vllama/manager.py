@@ -33,6 +33,7 @@ from vllama.config import GIB, KeepAlive, ModelConfig, ModelsFile, Settings, loa
 from vllama.errors import ConfigError, Conflict, ModelNotFound, ModelUnavailable, NoCapacity
 from vllama.gpu import GpuProbe
 from vllama.instance import Instance, State
+from vllama.lora import LoraRegistry  # LORA(issue 17)
 from vllama.metrics import Metrics
 from vllama.pool import WarmPool
 from vllama.sizing import Sizing, size_model
@@ -91,6 +92,7 @@ class Manager:
         self.recent_evictions: deque[dict[str, Any]] = deque(maxlen=50)
         self.metrics = Metrics()
         self.metrics.bind(self)
+        self.loras = LoraRegistry(self.metrics, wait_timeout=settings.capacity_wait)  # LORA(issue 17)
         self.started_at = time.time()
         self.closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -268,7 +270,10 @@ class Manager:
         async with self._load_locks(devices):
             await self._make_room_and_reserve(inst, devices, waking)
             if waking:
+                level = inst.sleep_level  # LORA(issue 17)
                 await self._observed(inst, "wake", inst.finish_wake(self.settings.stop_timeout))
+                if level == 2 and inst.engine is not None:  # LORA(issue 17): no await before this line
+                    await self.loras.reload_after_wake(inst.name, inst.engine, self.http)  # LORA(issue 17)
                 self._measure_asleep_held_later(inst)
             else:
                 await self._observed(inst, "start", self._launch(inst))
@@ -396,6 +401,7 @@ class Manager:
             sequences=cfg.auto_memory_sequences or self.settings.auto_memory_sequences,
             device_total=total,
             device_kind=self.probe.kind,
+            lora=eng.lora_launch(cfg),  # LORA(issue 17)
         )
         if len(self._sizing_cache) > 256:
             self._sizing_cache.clear()
@@ -734,5 +740,6 @@ class Manager:
             sized = self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices or (0,)))
             snap["memory_sizing"] = sized.reason if sized is not None else None
             snap["memory_estimate"] = sized.estimate.as_dict() if sized is not None and sized.estimate else None
+            snap["adapters"] = self.loras.snapshot(inst.name, inst.cfg, inst.engine)  # LORA(issue 17)
             out.append(snap)
         return out

@@ -29,6 +29,7 @@ from typing import Any, Protocol, cast
 import httptools
 from starlette.types import Receive, Scope, Send
 
+from vllama import lora
 from vllama.engine import LOOPBACK, EngineProcess
 from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, VllamaError
 from vllama.instance import Instance
@@ -484,14 +485,15 @@ class RelayEndpoint:
             return
         for may_resend in (True, False):
             try:
-                inst = await manager.acquire(model)
+                # a LoRA adapter's name acquires its base and loads the adapter (vllama/lora.py)
+                inst, adapter = await lora.acquire(manager, model)
             except VllamaError as err:
                 await send_error(send, err)
                 return
             try:
                 undelivered = await Relay(inst, client, send, receive).run(self.path, forwarded, body, may_resend)
             finally:
-                inst.release()
+                lora.release(inst, adapter)
             if not undelivered:
                 return
             # its child had died before the request reached it: the next acquire starts a fresh one; send once more

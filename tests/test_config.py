@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vllama.config import (
+    AdapterRef,
     KeepAlive,
     ModelConfig,
     Settings,
@@ -449,3 +450,73 @@ def test_names_that_vllm_would_read_as_flags_are_refused(data: dict[str, Any], e
     # the name and aliases become `--served-model-name NAME ALIAS...` and `model` becomes `--model M`
     msg = config_error(data)
     assert expected in msg and "flag" in msg
+
+
+# --- LoRA adapters ---------------------------------------------------------------------------------------------
+
+
+def _adapter(folder: Path, rank: int = 8) -> str:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(f'{{"r": {rank}, "peft_type": "LORA"}}')
+    return str(folder)
+
+
+def test_adapters_resolve_to_their_base(tmp_path: Path) -> None:
+    a = _adapter(tmp_path / "a")
+    _adapter(tmp_path / "dir" / "b")
+    _adapter(tmp_path / "dir" / "c")
+    (tmp_path / "dir" / "not-an-adapter").mkdir()
+    models = parse_models(
+        {
+            "base": {"adapters": {"sql": a}, "adapter_dirs": [str(tmp_path / "dir")], "max_loras": 2},
+            "other": {},
+        }
+    )
+    assert models.adapter("sql") == AdapterRef("sql", "base", Path(a))
+    assert models.adapter("b") == AdapterRef("b", "base", tmp_path / "dir" / "b")
+    assert models.adapter("base") is None and models.adapter(None) is None
+    assert [r.name for r in models.adapters_of("base")] == ["b", "c", "sql"]
+    assert models.adapters_of("other") == []
+    assert models.models["base"].adapters == {
+        "b": str(tmp_path / "dir" / "b"),
+        "c": str(tmp_path / "dir" / "c"),
+        "sql": a,
+    }
+
+
+def test_adapter_path_is_not_checked_at_load_but_must_be_absolute() -> None:
+    models = parse_models({"base": {"adapters": {"x": "/nonexistent/adapter"}}})
+    assert models.adapter("x") is not None  # a wrong path fails that adapter's requests only (vllama/lora.py)
+    with pytest.raises(ConfigError, match=r"model 'base'.*'adapters'.*'relative/x' is not an absolute path"):
+        parse_models({"base": {"adapters": {"x": "relative/x"}}})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"base": {"adapters": {"base": "/a"}}}, "adapter 'base' of model 'base' is already a model or alias"),
+        ({"base": {"aliases": ["al"], "adapters": {"al": "/a"}}}, "adapter 'al' of model 'base' is already a model"),
+        (
+            {"b1": {"adapters": {"x": "/a"}}, "b2": {"adapters": {"x": "/b"}}},
+            "adapter 'x' of model 'b2' is already an adapter of model 'b1'",
+        ),
+        ({"base": {"adapters": {"-x": "/a"}}}, "model 'base': key 'adapters'.*must be non-empty"),
+        ({"base": {"adapters": {"x": "/a"}, "max_lora_rank": 12}}, "'max_lora_rank' has bad value 12.*1, 8, 16"),
+        ({"base": {"adapters": {"x": "/a"}, "max_loras": 0}}, "'max_loras' has bad value 0"),
+        ({"base": {"max_loras": 2}}, "max_loras/max_lora_rank without adapters"),
+        (
+            {"base": {"adapter_dirs": ["/nonexistent/dir"]}},
+            "model 'base': key 'adapter_dirs' has bad value '/nonexistent",
+        ),
+    ],
+)
+def test_bad_adapter_settings_name_model_key_and_value(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_models(data)
+
+
+def test_same_adapter_name_in_two_adapter_dirs(tmp_path: Path) -> None:
+    _adapter(tmp_path / "d1" / "x")
+    _adapter(tmp_path / "d2" / "x")
+    with pytest.raises(ConfigError, match="adapter 'x' is in two adapter_dirs"):
+        parse_models({"base": {"adapter_dirs": [str(tmp_path / "d1"), str(tmp_path / "d2")]}})

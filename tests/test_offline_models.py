@@ -94,3 +94,26 @@ def test_prepare_rejects_unknown_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown offline model"):
         om.prepare(tmp_path, ["tiny", "gpt-5"])
     assert not any(tmp_path.iterdir())
+
+
+def test_tiny_lora_adapter_is_peft_and_fits_the_tiny_model(tiny: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    folder = om.build_tiny_lora(tmp_path / "lora", seed=1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["target_modules"] == ["q_proj", "v_proj"]
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 2 * 2  # layers × (q, v) × (A, B)
+    model = json.loads((tiny / "config.json").read_text())
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    assert tuple(a.shape) == (8, model["hidden_size"])
+    assert tuple(b.shape) == (model["num_key_value_heads"] * model["head_dim"], 8)
+    assert float(b.abs().sum()) > 0  # not PEFT's zero init: the adapter changes the answers
+    # idempotent for the same seed and rank; another seed or rank builds other weights
+    before = (folder / "adapter_model.safetensors").read_bytes()
+    assert om.build_tiny_lora(folder, seed=1).samefile(folder)
+    assert (folder / "adapter_model.safetensors").read_bytes() == before
+    om.build_tiny_lora(folder, seed=2, rank=16)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 16
+    assert (folder / "adapter_model.safetensors").read_bytes() != before

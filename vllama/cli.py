@@ -159,6 +159,9 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
             lines.append(f"  {r['model']}: {_gib(r['host_memory_bytes'])} of host memory (its weights, asleep at L1)")
         if r.get("memory_sizing"):
             lines.append(f"  {r['model']}: {r['memory_sizing']}")
+        for a in r.get("adapters") or []:
+            busy = f", {a['in_flight']} in flight" if a["in_flight"] else ""
+            lines.append(f"  {r['model']} + adapter {a['name']}: {'loaded' if a['loaded'] else 'not loaded'}{busy}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,19 @@
 `models.yaml` maps a model name (a Hugging Face id, a local path, or any name with `model:` pointing at one)
 to its settings. Unknown keys and bad values are errors that name the model, the key and the value: a typo must
 never silently fall back to a default.
+
+LoRA adapters (vllama/lora.py) are listed under their base model and requested by their own name:
+
+    my-base:
+      model: /models/llama
+      adapters:                    # adapter name → folder of a PEFT LoRA adapter (absolute or ~ path)
+        sql-lora: /adapters/sql
+      adapter_dirs: [/adapters/x]  # every subfolder holding an adapter_config.json is an adapter, named after it
+      max_loras: 2                 # adapters loaded at once (default: vLLM's 1)
+      max_lora_rank: 16            # default: the highest rank among the adapters' adapter_config.json
+
+An adapter's path is only checked when the adapter is loaded (a wrong one fails that adapter's requests, nothing
+else); an `adapter_dirs` folder is read when models.yaml is loaded, and must exist then.
 """
 
 from __future__ import annotations
@@ -67,6 +80,10 @@ def _seconds(number: float, value: Any) -> float | None:
         raise ValueError(f"not a duration: {value!r}")
     return None if number < 0 or number >= _FOREVER_S else number
 
+
+# the ranks vLLM accepts for --max-lora-rank (vllm/config/lora.py, 0.26–0.33)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 
 # flags vllama owns: a child must bind 127.0.0.1 (its sleep/RPC endpoints are unauthenticated) on vllama's port
 _RESERVED_FLAGS = {"--host", "--port", "--served-model-name", "--model"}
@@ -169,6 +186,34 @@ class ModelConfig(BaseModel):
     # "default": vLLM's default fraction even if VLLAMA_AUTO_MEMORY=1
     memory: Literal["auto", "default"] | None = None
     auto_memory_sequences: int | None = Field(default=None, ge=1, description="sequences of max_model_len in KV")
+    # LoRA adapters served on top of this model (see the module's docstring); after parsing, `adapters` also
+    # holds the adapters found in `adapter_dirs`
+    adapters: dict[str, str] = Field(default_factory=dict)
+    adapter_dirs: list[str] = Field(default_factory=list)
+    max_loras: int | None = Field(default=None, ge=1, le=256)
+    max_lora_rank: int | None = None
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            _check_adapter_name(name)
+            _check_absolute(path, f"adapter {name!r}")
+        return value
+
+    @field_validator("adapter_dirs")
+    @classmethod
+    def _adapter_dirs_valid(cls, value: list[str]) -> list[str]:
+        for path in value:
+            _check_absolute(path, "adapter folder")
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _lora_rank_valid(cls, value: int | None) -> int | None:
+        if value is not None and value not in LORA_RANKS:
+            raise ValueError(f"vLLM accepts only {', '.join(map(str, LORA_RANKS))}")
+        return value
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -244,6 +289,8 @@ class ModelConfig(BaseModel):
             raise ValueError("set gpu_memory_utilization or gpu_memory_gib, not both")
         if self.memory == "auto" and (self.gpu_memory_utilization is not None or self.gpu_memory_gib is not None):
             raise ValueError("memory: auto sizes the memory itself: drop gpu_memory_utilization/gpu_memory_gib")
+        if not (self.adapters or self.adapter_dirs) and (self.max_loras or self.max_lora_rank):
+            raise ValueError("max_loras/max_lora_rank without adapters or adapter_dirs: list the adapters")
         pp = self.pipeline_parallel_size or 1
         if self.devices is not None:
             if self.tensor_parallel_size is not None and len(self.devices) != self.tensor_parallel_size * pp:
@@ -280,23 +327,91 @@ class ModelConfig(BaseModel):
         return self.tp * self.pp
 
 
-class ModelsFile:
-    """The parsed models.yaml: name → config, with aliases resolved."""
+def _check_adapter_name(name: str) -> None:
+    if not name.strip() or name.startswith("-") or name != name.strip():
+        raise ValueError(f"adapter name {name!r} must be non-empty, without surrounding spaces, not start with '-'")
 
-    def __init__(self, models: dict[str, ModelConfig] | None = None) -> None:
+
+def _check_absolute(path: str, what: str) -> None:
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what}: the path must be a non-empty string")
+    if not Path(path).expanduser().is_absolute():
+        raise ValueError(f"{what}: {path!r} is not an absolute path (start it with / or ~)")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter of models.yaml: its name (what requests ask for and vLLM serves it as), its base model's
+    canonical name, and its folder."""
+
+    name: str
+    base: str
+    path: Path
+
+
+def scan_adapter_dir(folder: Path) -> dict[str, str]:
+    """name → path of each adapter (a subfolder holding adapter_config.json) in `folder`, sorted by name."""
+    return {
+        sub.name: str(sub)
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir() and not sub.name.startswith(".") and (sub / ADAPTER_CONFIG).is_file()
+    }
+
+
+def _with_scanned_adapters(origin: str, name: str, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` whose `adapters` also hold those found in its `adapter_dirs` (an explicit entry wins)."""
+    if not cfg.adapter_dirs:
+        return cfg
+    found: dict[str, str] = {}
+    for raw in cfg.adapter_dirs:
+        folder = Path(raw).expanduser()
+        try:
+            scanned = scan_adapter_dir(folder)
+        except OSError as exc:
+            raise ConfigError(f"{origin}: model {name!r}: key 'adapter_dirs' has bad value {raw!r}: {exc}") from None
+        for adapter, path in scanned.items():
+            if adapter in found and found[adapter] != path:
+                raise ConfigError(
+                    f"{origin}: model {name!r}: adapter {adapter!r} is in two adapter_dirs ({found[adapter]} and "
+                    f"{path}): rename one or list it under adapters"
+                )
+            found[adapter] = path
+    return cfg.model_copy(update={"adapters": {**found, **cfg.adapters}})
+
+
+class ModelsFile:
+    """The parsed models.yaml: name → config, with aliases and adapter names resolved."""
+
+    def __init__(self, models: dict[str, ModelConfig] | None = None, origin: str = "models.yaml") -> None:
         self.models: dict[str, ModelConfig] = dict(models or {})
         self.aliases: dict[str, str] = {}
+        self.adapters: dict[str, AdapterRef] = {}
         for name, cfg in self.models.items():
             for alias in cfg.aliases:
                 if alias in self.models or alias in self.aliases:
-                    raise ConfigError(f"models.yaml: alias {alias!r} of model {name!r} is already a model or alias")
+                    raise ConfigError(f"{origin}: alias {alias!r} of model {name!r} is already a model or alias")
                 self.aliases[alias] = name
+        for name, cfg in self.models.items():
+            for adapter, path in cfg.adapters.items():
+                # an adapter is requested by its name alone: it must not shadow a model, an alias or another adapter
+                taken = self.adapters.get(adapter)
+                if adapter in self.models or adapter in self.aliases or taken is not None:
+                    what = f"an adapter of model {taken.base!r}" if taken else "a model or alias"
+                    raise ConfigError(f"{origin}: adapter {adapter!r} of model {name!r} is already {what}")
+                self.adapters[adapter] = AdapterRef(adapter, name, Path(path).expanduser())
 
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
 
     def get(self, name: str) -> ModelConfig | None:
         return self.models.get(self.canonical(name))
+
+    def adapter(self, name: object) -> AdapterRef | None:
+        """The adapter a request's model name names, or None (a model, or unknown)."""
+        return self.adapters.get(name) if isinstance(name, str) else None
+
+    def adapters_of(self, base: str) -> list[AdapterRef]:
+        return [ref for ref in self.adapters.values() if ref.base == base]
 
 
 def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
@@ -315,10 +430,11 @@ def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
                 f"{origin}: model name {name!r} starts with '-', which vLLM would read as a flag: rename it"
             )
         try:
-            models[name] = ModelConfig.model_validate(raw or {})
+            cfg = ModelConfig.model_validate(raw or {})
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(origin, name, raw, exc)) from None
-    return ModelsFile(models)
+        models[name] = _with_scanned_adapters(origin, name, cfg)
+    return ModelsFile(models, origin)
 
 
 def describe_validation_error(origin: str, name: str, raw: Any, exc: ValidationError) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from vllama.config import ModelConfig
+from vllama.config import ADAPTER_CONFIG, LORA_RANKS, ModelConfig
 
 LOOPBACK = "127.0.0.1"  # vLLM's sleep/RPC endpoints are unauthenticated: children never bind anything else
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -45,6 +46,83 @@ def safe_file_name(name: str) -> str:
     """A model name made safe for a file name: no path separators, no leading dots, bounded length."""
     cleaned = _UNSAFE_NAME_CHARS.sub("_", name).strip("._") or "model"
     return cleaned[:80]
+
+
+# --- LoRA (vllama/lora.py keeps which adapters are loaded; this is the flags and the HTTP calls) ---------------
+
+DEFAULT_MAX_LORAS_CAP = 4  # default max_loras: one slot per adapter, at most this many (each slot costs memory)
+DEFAULT_LORA_RANK = 16  # vLLM's default max_lora_rank, used when no adapter's rank can be read at launch
+
+
+class LoraError(EngineError):
+    """An adapter could not be loaded (wrong path, rank above the limit, refused by vLLM); the base model is
+    not affected."""
+
+
+def read_adapter_rank(path: Path) -> int:
+    """The highest rank of a PEFT adapter folder (`r`, and any `rank_pattern` override), as vLLM checks it."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError:
+        raise LoraError(f"{path} has no {ADAPTER_CONFIG} (not a PEFT LoRA adapter folder)") from None
+    except (OSError, ValueError) as exc:
+        raise LoraError(f"{path / ADAPTER_CONFIG} cannot be read: {exc}") from None
+    ranks = [config.get("r"), *dict(config.get("rank_pattern") or {}).values()] if isinstance(config, dict) else []
+    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise LoraError(f"{path / ADAPTER_CONFIG} has no valid rank 'r' (got {ranks[:1] or config!r})")
+    return int(max(ranks))
+
+
+def rank_limit_for(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that holds `rank` (None: above vLLM's largest)."""
+    return next((r for r in LORA_RANKS if r >= rank), None)
+
+
+@dataclass(frozen=True)
+class LoraLaunch:
+    """The LoRA settings a base model is launched with."""
+
+    max_loras: int
+    max_lora_rank: int
+    rank_from: str  # where max_lora_rank comes from, for messages: "max_lora_rank" or the adapters' configs
+
+    def args(self) -> list[str]:
+        return ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+
+
+def lora_launch(cfg: ModelConfig) -> LoraLaunch | None:
+    """LoRA settings of a model with adapters (None without): `max_loras` (default: one slot per adapter, at
+    most DEFAULT_MAX_LORAS_CAP) and `max_lora_rank` (default: the highest rank among the adapters that can be
+    read now, rounded up to a rank vLLM accepts; an unreadable adapter fails later, when it is loaded)."""
+    if not cfg.adapters:
+        return None
+    max_loras = cfg.max_loras or min(len(cfg.adapters), DEFAULT_MAX_LORAS_CAP)
+    if cfg.max_lora_rank is not None:
+        return LoraLaunch(max_loras, cfg.max_lora_rank, "max_lora_rank")
+    ranks = []
+    for path in cfg.adapters.values():
+        with contextlib.suppress(LoraError):
+            ranks.append(read_adapter_rank(Path(path).expanduser()))
+    limits = [limit for limit in map(rank_limit_for, ranks) if limit is not None]
+    rank = max(limits, default=DEFAULT_LORA_RANK)
+    return LoraLaunch(max_loras, rank, "the adapters' adapter_config.json (set max_lora_rank to choose)")
+
+
+def launch_lora_settings(argv: list[str]) -> tuple[int, int] | None:
+    """(max_loras, max_lora_rank) a child was launched with, from its argv (vLLM's defaults for flags left out);
+    None when LoRA is not enabled. Read from the argv, so flags given in extra_args count too."""
+    if "--enable-lora" not in argv:
+        return None
+
+    def last(flag: str, default: int) -> int:
+        value = default
+        for i, arg in enumerate(argv):
+            raw = argv[i + 1] if arg == flag and i + 1 < len(argv) else arg.partition(flag + "=")[2]
+            if raw.isdigit():
+                value = int(raw)
+        return value
+
+    return last("--max-loras", 1), last("--max-lora-rank", DEFAULT_LORA_RANK)
 
 
 @dataclass(frozen=True)
@@ -88,6 +166,9 @@ def build_launch(
             argv += ["--pipeline-parallel-size", str(cfg.pp)]
     if sleep_mode:
         argv += ["--enable-sleep-mode"]
+    lora = lora_launch(cfg)
+    if lora is not None and "--enable-lora" not in cfg.extra_args:  # the user's own LoRA flags win
+        argv += lora.args()
     argv += cfg.extra_args
 
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROPPED}
@@ -100,6 +181,8 @@ def build_launch(
         env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (unsupported on the lent machines)
     if sleep_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
+    if lora is not None:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # enables /v1/load_lora_adapter and /v1/unload_lora_adapter
     if device_kind == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log_path = logs_dir / f"{safe_file_name(name)}_{port}.log"
@@ -388,3 +471,55 @@ async def warm_up(engine: EngineProcess, http: aiohttp.ClientSession, served_nam
             f"{engine.base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)
         ) as r:
             await r.read()
+
+
+async def _lora_post(
+    engine: EngineProcess, http: aiohttp.ClientSession, path: str, body: dict[str, Any], timeout: float
+) -> tuple[int, str]:
+    async with http.post(f"{engine.base_url}{path}", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        return r.status, await r.text()
+
+
+def _vllm_message(text: str) -> str:
+    """The message of a vLLM error answer (its OpenAI error envelope), else the text itself."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        error = json.loads(text).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        if message:
+            return str(message)[:500]
+    return text.strip()[:500]
+
+
+async def load_lora(
+    engine: EngineProcess,
+    http: aiohttp.ClientSession,
+    name: str,
+    path: Path,
+    *,
+    replace: bool = False,
+    timeout: float = 120.0,
+) -> None:
+    """Load the adapter at `path` into the running vLLM, served as `name` (vLLM serves a loaded adapter under its
+    lora_name). `replace`: load it again in place if vLLM has it already (after a wake). Raises LoraError with
+    vLLM's reason."""
+    body: dict[str, Any] = {"lora_name": name, "lora_path": str(path)}
+    if replace:
+        body["load_inplace"] = True
+    status, text = await _lora_post(engine, http, "/v1/load_lora_adapter", body, timeout)
+    if status >= 400:
+        if status == 404 and text.startswith('{"detail"'):  # FastAPI's answer for a route that is not there
+            raise LoraError(
+                f"vLLM has no /v1/load_lora_adapter: it was not started with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                f"and --enable-lora (log: {engine.spec.log_path})"
+            )
+        raise LoraError(f"vLLM refused to load the adapter ({status}): {_vllm_message(text)}")
+
+
+async def unload_lora(engine: EngineProcess, http: aiohttp.ClientSession, name: str, timeout: float = 60.0) -> bool:
+    """Unload adapter `name` from the running vLLM. False if vLLM did not have it (nothing to do)."""
+    status, text = await _lora_post(engine, http, "/v1/unload_lora_adapter", {"lora_name": name}, timeout)
+    if status == 404:
+        return False
+    if status >= 400:
+        raise LoraError(f"vLLM refused to unload adapter {name!r} ({status}): {_vllm_message(text)}")
+    return True

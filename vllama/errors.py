@@ -97,6 +97,13 @@ class NoCapacity(ModelUnavailable):
     code = "insufficient_memory"
 
 
+class AdapterUnavailable(ModelUnavailable):
+    """A LoRA adapter could not be loaded (wrong path, rank above the limit, refused by vLLM, no free slot);
+    its base model is not affected."""
+
+    code = "adapter_unavailable"
+
+
 class ConfigError(Exception):
     """models.yaml or settings are invalid; the message names the model, the key and the value."""
 

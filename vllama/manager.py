@@ -28,6 +28,7 @@ from vllama.errors import Conflict, ModelUnavailable
 from vllama.gpu import GpuProbe
 from vllama.instance import Instance, Reservation, State
 from vllama.keep_alive import KeepAliveLoop, expires_at, ladder_for
+from vllama.lora import LoraRegistry
 from vllama.metrics import Metrics
 from vllama.model_access import StartBackoff
 from vllama.placement import Placement, default_host_budget
@@ -60,6 +61,7 @@ class Manager:
         self.recent_evictions: deque[dict[str, Any]] = deque(maxlen=50)
         self.metrics = Metrics()
         self.metrics.bind(self)
+        self.loras = LoraRegistry(self.metrics, wait_timeout=settings.capacity_wait)  # adapters per base (lora.py)
         self.started_at = time.time()
         self.closing = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -206,6 +208,9 @@ class Manager:
 
     async def wake_engine(self, engine: eng.EngineProcess, level: int, served_name: str) -> None:
         await self.driver.wake(engine, level, served_name)
+        if level == 2 and self.loras.state_for(served_name, engine) is not None:
+            # vLLM may have dropped the LoRA adapters with the weights: load them again while still waking
+            await self.loras.reload_after_wake(served_name, engine, self.http)
 
     async def stop_engine(self, engine: eng.EngineProcess) -> None:
         await self.driver.stop(engine)
@@ -319,6 +324,7 @@ class Manager:
             sequences=cfg.auto_memory_sequences or self.settings.auto_memory_sequences,
             device_total=total,
             device_kind=self.probe.kind,
+            lora=eng.lora_launch(cfg),
         )
         if len(self._sizing_cache) > 256:
             self._sizing_cache.clear()
@@ -405,6 +411,7 @@ class Manager:
             sized = self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices or (0,)))
             snap["memory_sizing"] = sized.reason if sized is not None else None
             snap["memory_estimate"] = sized.estimate.as_dict() if sized is not None and sized.estimate else None
+            snap["adapters"] = self.loras.snapshot(inst.name, inst.cfg, inst.engine)
             out.append(snap)
         return out
 

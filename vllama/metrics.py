@@ -72,6 +72,19 @@ class Metrics:
             ["model", "reason", "action"],
             registry=r,
         )
+        self.lora_operations = Counter(
+            "vllama_lora_operations",
+            "LoRA adapter operations on a running base model (load, unload, reload after a wake), by outcome",
+            ["model", "adapter", "operation", "outcome"],
+            registry=r,
+        )
+        self.lora_seconds = Histogram(
+            "vllama_lora_operation_duration_seconds",
+            "duration of LoRA adapter loads, unloads and reloads",
+            ["model", "operation"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
         self.model_wait = Histogram(
             "vllama_model_wait_seconds",
             "time a request waited for its model to be started or woken (requests to a running model do not wait)",
@@ -93,6 +106,11 @@ class Metrics:
 
     def observe_eviction(self, model: str, reason: str, action: str) -> None:
         self.evictions.labels(model, reason, action).inc()
+
+    def observe_lora(self, model: str, adapter: str, operation: str, seconds: float, ok: bool) -> None:
+        self.lora_operations.labels(model, adapter, operation, "ok" if ok else "error").inc()
+        if ok:
+            self.lora_seconds.labels(model, operation).observe(seconds)
 
     def observe_wait(self, model: str, seconds: float) -> None:
         self.model_wait.labels(model).observe(seconds)
@@ -135,6 +153,11 @@ class _ManagerCollector(Collector):
         host_held = GaugeMetricFamily(
             "vllama_model_host_memory_bytes", "host memory a model asleep at level 1 holds", labels=["model"]
         )
+        adapters = GaugeMetricFamily(
+            "vllama_lora_loaded",
+            "1 for each LoRA adapter loaded into its running base model, else 0",
+            labels=["model", "adapter"],
+        )
         for row in m.ps():
             name = str(row["model"])
             for s in _STATES:
@@ -145,7 +168,9 @@ class _ManagerCollector(Collector):
             host_held.add_metric([name], float(row.get("host_memory_bytes") or 0))
             for device, n in dict(row.get("memory_bytes") or {}).items():
                 memory.add_metric([name, str(device)], float(n))
-        yield from (state, level, in_flight, memory, idle, host_held)
+            for adapter in row.get("adapters") or []:
+                adapters.add_metric([name, str(adapter["name"])], 1.0 if adapter["loaded"] else 0.0)
+        yield from (state, level, in_flight, memory, idle, host_held, adapters)
 
         total = GaugeMetricFamily(
             "vllama_device_memory_total_bytes", "device memory", labels=["device", "name", "kind"]

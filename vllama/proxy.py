@@ -32,6 +32,7 @@ from typing import Any, Protocol, cast
 import httptools
 from starlette.types import Receive, Scope, Send
 
+from vllama import lora
 from vllama.engine import LOOPBACK, EngineProcess, engine_exited
 from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, VllamaError
 from vllama.instance import Instance
@@ -492,7 +493,8 @@ class RelayEndpoint:
             return
         for may_resend in (True, False):
             try:
-                inst = await manager.acquire(model)
+                # a LoRA adapter's name acquires its base and loads the adapter (vllama/lora.py)
+                inst, adapter = await lora.acquire(manager, model)
             except VllamaError as err:
                 await send_error(send, err)
                 return
@@ -500,7 +502,7 @@ class RelayEndpoint:
                 relay = Relay(inst, client, send, receive, manager.settings.response_timeout)
                 undelivered = await relay.run(self.path, forwarded, body, may_resend)
             finally:
-                inst.release()
+                lora.release(inst, adapter)
             if not undelivered:
                 return
             # its child had died before the request reached it: the next acquire starts a fresh one; send once more

@@ -15,6 +15,9 @@ sizes; no I/O beyond reading the model folder.
 - activations: vLLM's profiling run peaks at max_num_batched_tokens × (3 × intermediate + 4 × hidden + q/k/v
   width) elements, plus the sampler's float32 logits for max_num_seqs rows (× 3 copies). vLLM's defaults: 8192
   tokens / 1024 sequences on devices of ≥ 70 GiB, else 2048 / 256 (flags in extra_args win).
+- LoRA (a model with adapters, vllama/lora.py): vLLM allocates, for each of `--max-loras` slots, A and B matrices
+  of `--max-lora-rank` for every LoRA-capable linear layer (q/k/v, o, gate/up, down), whatever the adapters
+  target: max_loras × rank × layers × Σ(in + out) elements. Small: 4 slots of rank 16 on an 8B model ≈ 0.2 GiB.
 - overhead: OVERHEAD_GIB (CUDA graphs, NCCL and allocator slack) + OVERHEAD_FRACTION × (weights + KV cache).
 - context: the CUDA context and libraries (CONTEXT_GIB: 0.8–1.4 GB measured on the H100); on the CPU build, the
   resident size of the API server, EngineCore and worker processes (CPU_CONTEXT_GIB).
@@ -31,7 +34,10 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllama.engine import LoraLaunch
 
 GIB = 1024**3
 BLOCK_TOKENS = 16
@@ -69,6 +75,7 @@ class MemoryEstimate:
     sequences: int
     kv_bytes_per_token: int
     weights_from: str
+    lora: int = 0  # the LoRA slots' buffers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +88,7 @@ class MemoryEstimate:
             f"{gib(self.total)} GiB = context {gib(self.context)} + weights {gib(self.weights)} "
             f"({self.weights_from}) + KV cache {gib(self.kv_cache)} ({self.sequences} × {self.max_model_len} tokens) "
             f"+ activations {gib(self.activations)} + overhead {gib(self.overhead)}"
+            + (f" + LoRA slots {gib(self.lora)}" if self.lora else "")
         )
 
 
@@ -201,15 +209,21 @@ def derived_max_model_len(config: dict[str, Any]) -> int:
     return length
 
 
-def parameter_count(config: dict[str, Any]) -> int:
-    """Parameters of a decoder-only transformer from its config (embeddings, attention, MLP, norms)."""
-    c = _text_config(config)
+def _shape(c: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
+    """(hidden, layers, heads, KV heads, head_dim, intermediate) of a text config."""
     hidden = int(_first(c, "hidden_size", "n_embd", "d_model", default=0))
     layers = int(_first(c, "num_hidden_layers", "n_layer", "num_layers", default=0))
     heads = int(_first(c, "num_attention_heads", "n_head", default=1))
     kv_heads = int(_first(c, "num_key_value_heads", "num_kv_heads", default=heads))
     head_dim = int(_first(c, "head_dim", default=hidden // max(heads, 1)))
     inter = int(_first(c, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden))
+    return hidden, layers, heads, kv_heads, head_dim, inter
+
+
+def parameter_count(config: dict[str, Any]) -> int:
+    """Parameters of a decoder-only transformer from its config (embeddings, attention, MLP, norms)."""
+    c = _text_config(config)
+    hidden, layers, heads, kv_heads, head_dim, inter = _shape(c)
     vocab = int(_first(c, "vocab_size", default=32000))
     experts = int(_first(c, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
@@ -248,6 +262,17 @@ def activation_bytes(
     return batched_tokens * width * element_bytes + max_seqs * vocab * 4 * LOGITS_COPIES
 
 
+def lora_bytes(config: dict[str, Any], *, max_loras: int, max_rank: int, element_bytes: int, tp: int = 1) -> int:
+    """vLLM's LoRA buffers: for each slot, A (rank × in) and B (out × rank) for every LoRA-capable linear layer
+    of every decoder layer (q, k, v, o, gate, up, down), in the model's dtype. Split across tensor-parallel
+    ranks only in part: counted whole (an over-estimate of a few MB)."""
+    hidden, layers, heads, kv_heads, head_dim, inter = _shape(_text_config(config))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    # (in + out) of each linear layer: q, k, v, o, gate, up, down
+    widths = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 2 * (hidden + inter) + (inter + hidden)
+    return max_loras * max_rank * layers * widths * element_bytes
+
+
 def estimate(
     config: dict[str, Any],
     *,
@@ -262,6 +287,8 @@ def estimate(
     max_num_seqs: int | None = None,
     device_total: int = 80 * GIB,
     device_kind: str = "cuda",
+    lora_slots: int = 0,
+    lora_rank: int = 0,
 ) -> MemoryEstimate:
     """The need per device of a model served by vLLM with these settings (see the module's docstring)."""
     c = _text_config(config)
@@ -288,7 +315,8 @@ def estimate(
     activations = activation_bytes(c, element_bytes=element, batched_tokens=batched, max_seqs=seqs, tp=tp)
     overhead = int(OVERHEAD_GIB * GIB + OVERHEAD_FRACTION * (weights + kv))
     context = int((CPU_CONTEXT_GIB if device_kind == "cpu" else CONTEXT_GIB) * GIB)
-    total = context + weights + kv + activations + overhead
+    lora = lora_bytes(c, max_loras=lora_slots, max_rank=lora_rank, element_bytes=element, tp=tp) if lora_slots else 0
+    total = context + weights + kv + activations + overhead + lora
     return MemoryEstimate(
         total=total,
         context=context,
@@ -300,6 +328,7 @@ def estimate(
         sequences=sequences,
         kv_bytes_per_token=per_token,
         weights_from=weights_from,
+        lora=lora,
     )
 
 
@@ -331,6 +360,7 @@ def size_model(
     sequences: int,
     device_total: int,
     device_kind: str,
+    lora: LoraLaunch | None = None,
 ) -> Sizing:
     """Auto-size the model vLLM loads from `source` (a local folder or a cached Hugging Face id)."""
     if any(flag_value(extra_args, f) is not None or f in extra_args for f in MEMORY_FLAGS):
@@ -355,6 +385,8 @@ def size_model(
             max_num_seqs=_int_flag(extra_args, "--max-num-seqs"),
             device_total=device_total,
             device_kind=device_kind,
+            lora_slots=lora.max_loras if lora else 0,
+            lora_rank=lora.max_lora_rank if lora else 0,
         )
     except (OSError, ValueError, TypeError, KeyError) as exc:
         return Sizing(None, f"auto memory: cannot read {folder}: {exc}: default rule used")

@@ -763,6 +763,12 @@ async def tags(request: Request) -> Json:
     except OSError:
         fallback = m.started_at
     rows = await asyncio.to_thread(lambda: [describe(n, models.get(n), fallback) for n in names])
+    # LoRA adapters (vllama/lora.py): their own files, with the base model as the parent
+    for ref in models.adapters.values():
+        row = await asyncio.to_thread(describe, ref.name, ModelConfig(model=str(ref.path)), fallback)
+        row["details"]["parent_model"] = ref.base
+        row["details"]["format"] = row["details"]["format"] or "lora"
+        rows.append(row)
     return {"models": rows}
 
 

@@ -97,11 +97,43 @@ async def list_models(request: Request) -> dict[str, Any]:
 
     for name in models.models:
         add(name, "models.yaml")
+        entries.update(_adapter_entries(manager, name))
     for name in manager.instances:
         add(name, "requested")
     for name in startable_cached_models(manager):
         add(name, "hf-cache")
     return {"object": "list", "data": list(entries.values())}
+
+
+def _adapter_entries(manager: Manager, base: str) -> dict[str, dict[str, Any]]:
+    """The LoRA adapters of `base` (vllama/lora.py), after it: each with its base and whether it is loaded. An
+    adapter loaded into a running base shows state "running", else "stopped"; `parent`/`root` as vLLM's own
+    listing of adapters has them."""
+    cfg = manager.models.models[base]
+    inst = manager.instances.get(base)
+    out = {}
+    for row in manager.loras.snapshot(base, cfg, inst.engine if inst else None):
+        out[row["name"]] = {
+            "id": row["name"],
+            "object": "model",
+            "created": int(manager.started_at),
+            "owned_by": "vllama",
+            "parent": base,
+            "root": row["path"],
+            "vllama": {
+                "state": "running" if row["loaded"] else "stopped",
+                "adapter": True,
+                "base": base,
+                "base_state": inst.state.value if inst else "stopped",
+                "loaded": row["loaded"],
+                "in_flight": row["in_flight"],
+                "source": "models.yaml",
+                "configured": True,
+                "aliases": [],
+                "pinned": False,
+            },
+        }
+    return out
 
 
 @router.get("/health")

@@ -38,6 +38,14 @@ Environment knobs:
   VLLM_SERVER_DEV_MODE=1 with --enable-sleep-mode: /sleep, /wake_up, /is_sleeping, /collective_rpc and
                              /reset_prefix_cache exist (else 404)
 
+LoRA: with --enable-lora [--max-loras N] [--max-lora-rank R] and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True,
+POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace} and /v1/unload_lora_adapter {lora_name} exist and
+answer like vLLM 0.32 (404 for a path without adapter_config.json, 500 for a rank above R, 400 for a name loaded
+already). Stricter than vLLM, which keeps more adapters registered than slots: a load beyond N adapters fails
+(500), so a vllama that forgets to unload is caught. A loaded adapter is served under its name and answers
+"<name>: <words>" instead of "echo: <words>". A level-2 sleep drops every adapter (what vLLM does there is not
+checked yet; this is the pessimistic case that vllama must handle).
+
 Completions echo the last user message (or the prompt): "echo: <words>", padded with "tokN" words to exactly
 max_tokens tokens (default 16; finish_reason "length"); a word containing a `stop` string ends it ("stop").
 Tokens are whitespace words. Embeddings are hashed bags of words, so texts sharing words are similar; score
@@ -243,8 +251,11 @@ class FakeEngine:
         self.broken = False
         self.in_flight = self.served = self.cancelled = 0
         self.credentials_seen = 0  # requests that arrived with an Authorization or x-api-key header
+        self.max_loras, self.max_lora_rank = args.max_loras, args.max_lora_rank
+        self.loras: dict[str, str] = {}  # loaded adapter name → path
+        self.lora_loads = self.lora_unloads = 0
 
-    def app(self, sleep_api: bool) -> web.Application:
+    def app(self, sleep_api: bool, lora_api: bool = False) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
         r = app.router
         r.add_get("/health", self.ok)
@@ -266,6 +277,9 @@ class FakeEngine:
             r.add_get("/is_sleeping", self.is_sleeping)
             r.add_post("/collective_rpc", self.collective_rpc)
             r.add_post("/reset_prefix_cache", self.ok)
+        if lora_api:
+            r.add_post("/v1/load_lora_adapter", self.load_lora)
+            r.add_post("/v1/unload_lora_adapter", self.unload_lora)
         return app
 
     # --- plain endpoints ---------------------------------------------------------------------------------
@@ -282,6 +296,7 @@ class FakeEngine:
         created = int(time.time())
         card = {"object": "model", "created": created, "owned_by": "vllm", "root": self.root, "parent": None}
         data = [{"id": n, **card, "max_model_len": self.max_model_len, "permission": []} for n in self.names]
+        data += [{**card, "id": n, "root": p, "parent": self.names[0], "permission": []} for n, p in self.loras.items()]
         return json_response({"object": "list", "data": data})
 
     async def metrics(self, _: web.Request) -> web.Response:
@@ -306,6 +321,9 @@ class FakeEngine:
                 "devices": self.ledger.devices,
                 "tensor_parallel_size": self.tp,
                 "pipeline_parallel_size": self.pp,
+                "loras": list(self.loras),
+                "lora_loads": self.lora_loads,
+                "lora_unloads": self.lora_unloads,
             }
         )
 
@@ -321,7 +339,7 @@ class FakeEngine:
             if not isinstance(body, dict):
                 return error(400, "the body must be a JSON object")
             model = body.get("model")
-            if model is not None and model not in self.names:
+            if model is not None and model not in self.names and model not in self.loras:
                 return error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
             if "Authorization" in request.headers or "x-api-key" in request.headers:
                 self.credentials_seen += 1
@@ -367,7 +385,9 @@ class FakeEngine:
         hold = str(body["fake_hold"]) if body.get("fake_hold") else None
         await self.awake.wait()  # a request to a sleeping engine hangs until someone wakes it
 
-        words, finish, tokens = ["echo:", *prompt.split()], "length", []
+        model = body.get("model")
+        opening = f"{model}:" if model in self.loras else "echo:"  # an adapter answers differently from the base
+        words, finish, tokens = [opening, *prompt.split()], "length", []
         for i in range(max_tokens):
             word = words[i] if i < len(words) else f"tok{i}"
             if any(s in word for s in stop):
@@ -478,6 +498,51 @@ class FakeEngine:
             | {"usage": {"total_tokens": n}, "results": results}
         )
 
+    # --- LoRA --------------------------------------------------------------------------------------------
+    async def load_lora(self, request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            name, path, inplace = body["lora_name"], body["lora_path"], bool(body.get("load_inplace"))
+        except (ValueError, KeyError, TypeError):
+            return error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+        if name in self.names:
+            return error(400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput")
+        if name in self.loras and not inplace:
+            return error(
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, "
+                "set 'load_inplace' to True.",
+                "InvalidUserInput",
+            )
+        try:
+            config = json.loads((Path(path) / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+        rank = int(config.get("r") or 0)
+        if rank > self.max_lora_rank:
+            message = f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}."
+            return error(
+                500, f"Call to add_lora method failed: Worker failed with error '{message}'", "InternalServerError"
+            )
+        if name not in self.loras and len(self.loras) >= self.max_loras:
+            message = f"fake engine: max_loras {self.max_loras} reached (loaded: {', '.join(self.loras)})"
+            log(message, "ERROR")
+            return error(500, message, "InternalServerError")
+        self.loras[name] = path
+        self.lora_loads += 1
+        log(f"Loaded new LoRA adapter: name '{name}', path '{path}'")
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        try:
+            name = json.loads(await request.read())["lora_name"]
+        except (ValueError, KeyError, TypeError):
+            return error(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
+        if self.loras.pop(name, None) is None:
+            return error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+        self.lora_unloads += 1
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
     # --- sleep mode ----------------------------------------------------------------------------------------
     async def sleep(self, request: web.Request) -> web.Response:
         level = request.query.get("level", "1")
@@ -499,6 +564,8 @@ class FakeEngine:
             self.ledger.hold(self.residue)
             self.asleep_tags, self.level = {"weights", "kv_cache"}, int(level)
             self.weights_ok = self.weights_ok and level == "1"
+            if level == "2":
+                self.loras.clear()  # the pessimistic case (see the module's docstring)
         log(f"It took {time.monotonic() - t0:.6f} seconds to fall asleep.")
         return web.Response()
 
@@ -548,6 +615,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--max-loras", type=int, default=1)
+    p.add_argument("--max-lora-rank", type=int, default=16)
     return p.parse_known_args(argv)[0]
 
 
@@ -596,7 +666,10 @@ async def serve(args: argparse.Namespace, engine: FakeEngine) -> None:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             loop.add_signal_handler(sig, stopping.set)
     sleep_api = os.environ.get("VLLM_SERVER_DEV_MODE") == "1" and args.enable_sleep_mode
-    runner = web.AppRunner(engine.app(sleep_api), handler_cancellation=True, access_log=None, shutdown_timeout=0.2)
+    lora_api = args.enable_lora and os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1")
+    runner = web.AppRunner(
+        engine.app(sleep_api, lora_api), handler_cancellation=True, access_log=None, shutdown_timeout=0.2
+    )
     await runner.setup()
     try:
         log(f"Starting vLLM API server 0 on http://{args.host}:{args.port}")

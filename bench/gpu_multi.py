@@ -75,6 +75,7 @@ class Multi(StepReport):
             ledger.mkdir()
             self.host: Any = LedgerProbe(ledger, [80 * GIB, 80 * GIB])  # the whole host, whatever vllama sees
             self.source = "tiny"
+            self.tp_source = self.source
             self.base_env.update(
                 {
                     "VLLAMA_GPU_PROBE": "fake",
@@ -92,6 +93,9 @@ class Multi(StepReport):
             if not (folder / "config.json").is_file():
                 raise SystemExit(f"no model in {folder}: python3 .gpu-b/make_models.py {args.models_dir} a=135m")
             self.source = str(folder)
+            # tensor parallelism needs the heads divisible by 2: the 135m shape has 9, the 1b shape 16
+            tp_folder = args.models_dir / "b"
+            self.tp_source = str(tp_folder) if (tp_folder / "config.json").is_file() else self.source
             self.base_env["VLLAMA_GPU_PROBE"] = "nvml"
         self.vllm_args = [*shlex.split(os.environ.get("VLLAMA_GPU_BUNDLE_ARGS", "")), "--enforce-eager"]
         self.report["gpus"] = [{"nvml_index": d.index, "name": d.name, "uuid": d.uuid} for d in self.host.devices()]
@@ -253,7 +257,7 @@ def phase_both(run: Multi) -> None:
         {
             "A": {"devices": [0], "gpu_memory_utilization": 0.30},
             "B": {"devices": [1], "gpu_memory_utilization": 0.20},
-            "T": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.25},
+            "T": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.25, "model": run.tp_source},
             "C": {"gpu_memory_utilization": 0.25},
             "D": {"devices": [1], "gpu_memory_utilization": 0.35},
         },
@@ -327,7 +331,7 @@ def phase_gpu1(run: Multi) -> None:
         {
             "E": {"gpu_memory_utilization": 0.60},
             "F": {"gpu_memory_utilization": 0.60},
-            "T": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.25},
+            "T": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.25, "model": run.tp_source},
             "on1": {"devices": [1], "gpu_memory_utilization": 0.2},
         },
         CUDA_VISIBLE_DEVICES="1",

@@ -491,3 +491,19 @@ async def test_shutdown_answers_the_commands_still_queued(tmp_path: Path) -> Non
         for task in (first, queued):
             with pytest.raises(ModelUnavailable, match="shutting down"):
                 await asyncio.wait_for(task, HANG)
+
+
+async def test_a_request_that_finds_the_child_dead_before_its_watcher_does_starts_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    async with make_core(tmp_path, {"M": gib(4)}) as core:
+        m = await core.request("M")
+        old = m.engine
+        assert old is not None
+        assert m._watcher is not None
+        m._watcher.cancel()  # its news is late (here: never comes): the owner must notice the exit itself
+        core.driver.crash(old)
+        await old.process.wait()
+        again = await asyncio.wait_for(core.manager.acquire("M"), HANG)
+        again.release()
+        assert again.state is State.RUNNING and again.engine is not old

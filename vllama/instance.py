@@ -346,7 +346,9 @@ class Instance:
         self._host.changed()
 
     async def _bring_up(self, attempts_seen: int, backoff: bool) -> None:
-        if self.state is State.RUNNING and self.engine is not None and not self.engine.exited:
+        if self.engine is not None and self.engine.exited:
+            self._record_exit(self.engine)  # died, and its watcher's news is not in yet: record it now
+        if self.state is State.RUNNING:
             return
         if self.state is State.ERROR and self.failed_attempts != attempts_seen and self.last_error:
             # the attempt this caller waited for failed: share its error instead of retrying once per waiter

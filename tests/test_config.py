@@ -520,3 +520,10 @@ def test_same_adapter_name_in_two_adapter_dirs(tmp_path: Path) -> None:
     _adapter(tmp_path / "d2" / "x")
     with pytest.raises(ConfigError, match="adapter 'x' is in two adapter_dirs"):
         parse_models({"base": {"adapter_dirs": [str(tmp_path / "d1"), str(tmp_path / "d2")]}})
+
+
+def test_a_model_name_with_a_control_character_or_line_break_is_refused() -> None:
+    # '\x85' (NEL) came back from yaml.safe_dump/safe_load as a space: `vllama assign` would rename the model
+    for name in ("a\x85", "a\nb", "a\x00", "a\u2028"):
+        with pytest.raises(ConfigError, match="control character or line break"):
+            parse_models({name: {}})

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,6 +430,10 @@ def parse_models(data: Any, origin: str = "models.yaml") -> ModelsFile:
             raise ConfigError(
                 f"{origin}: model name {name!r} starts with '-', which vLLM would read as a flag: rename it"
             )
+        if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+            # a line break or control character does not survive a YAML round trip (`vllama assign` rewrites
+            # the file), nor a log file name or an HTTP header
+            raise ConfigError(f"{origin}: model name {name!r} contains a control character or line break: rename it")
         try:
             cfg = ModelConfig.model_validate(raw or {})
         except ValidationError as exc:

@@ -31,16 +31,17 @@ import enum
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from vllama import engine as eng
 from vllama.config import KeepAlive, ModelConfig
 from vllama.errors import Conflict, ModelUnavailable, VllamaError
 
 log = logging.getLogger("vllama")
+T = TypeVar("T")
 
 
 class State(str, enum.Enum):
@@ -56,6 +57,10 @@ class State(str, enum.Enum):
 
 # states in which the instance holds (or is about to hold) its full memory
 HOLDS_FULL_MEMORY = {State.STARTING, State.RUNNING, State.DRAINING, State.WAKING, State.STOPPING}
+
+
+class _StepFailed(Exception):
+    """An engine operation failed; the instance is already in ERROR with the reason."""
 
 
 class Outcome(str, enum.Enum):
@@ -404,22 +409,13 @@ class Instance:
             raise ModelUnavailable(self.last_error or f"{self.name} died while asleep")
         level = self.sleep_level
         self._set(State.WAKING)
-        t0 = self._clock()
         try:
-            async with asyncio.timeout(self.transition_timeout):
-                await self._host.wake_engine(engine, level, self.name)
-        except BaseException as exc:
-            self._host.observe(self, "wake", self._clock() - t0, False)
-            message = (
-                f"{self.name} failed to wake from sleep level {level}: {_describe(exc, self.transition_timeout)}; "
-                f"the instance was stopped and will start fresh on the next request (log: {engine.spec.log_path})"
+            await self._engine_step(
+                "wake", engine, f"wake from sleep level {level}", self._host.wake_engine(engine, level, self.name)
             )
-            self.failed_attempts += 1
-            await self._fail(message, engine)
-            if isinstance(exc, Exception):
-                raise ModelUnavailable(message) from None
-            raise
-        self._host.observe(self, "wake", self._clock() - t0, True)
+        except _StepFailed:
+            self.failed_attempts += 1  # the callers that waited for this wake share its error
+            raise ModelUnavailable(self.last_error or f"{self.name} failed to wake") from None
         self.host_held = 0
         self._become_running(engine)
 
@@ -483,22 +479,12 @@ class Instance:
             self._set(State.RUNNING)
             return Outcome.NOT_NOW
         host_bytes = self._host.host_bytes_at_l1(self) if level == 1 else 0
-        t0 = self._clock()
         try:
-            async with asyncio.timeout(self.transition_timeout):
-                still_held = await self._host.sleep_engine(engine, level)
-        except BaseException as exc:
-            self._host.observe(self, "sleep", self._clock() - t0, False)
-            # an engine that cannot sleep is in an unknown state: stop it rather than guess
-            await self._fail(
-                f"{self.name} failed to sleep at level {level}: {_describe(exc, self.transition_timeout)}; it was "
-                f"stopped (log: {engine.spec.log_path})",
-                engine,
+            still_held = await self._engine_step(
+                "sleep", engine, f"sleep at level {level}", self._host.sleep_engine(engine, level)
             )
-            if isinstance(exc, Exception):
-                return Outcome.FAILED
-            raise
-        self._host.observe(self, "sleep", self._clock() - t0, True)
+        except _StepFailed:
+            return Outcome.FAILED
         self.sleep_level, self.host_held = level, host_bytes
         self.asleep_held = still_held or self.asleep_held
         self._set(State.SLEEPING)
@@ -515,25 +501,39 @@ class Instance:
             return Outcome.NOT_NOW
         self.need = reservation.need
         self._set(State.WAKING)
-        t0 = self._clock()
+
+        async def wake_then_sleep_at_level_2() -> int:
+            await self._host.wake_engine(engine, 1, "")
+            return await self._host.sleep_engine(engine, 2)
+
         try:
-            async with asyncio.timeout(self.transition_timeout):
-                await self._host.wake_engine(engine, 1, "")
-                await self._host.sleep_engine(engine, 2)
-        except BaseException as exc:
-            self._host.observe(self, "sleep", self._clock() - t0, False)
-            await self._fail(
-                f"{self.name} failed to go from sleep level 1 to 2: {_describe(exc, self.transition_timeout)}; it "
-                f"was stopped (log: {engine.spec.log_path})",
-                engine,
-            )
-            if isinstance(exc, Exception):
-                return Outcome.FAILED
-            raise
-        self._host.observe(self, "sleep", self._clock() - t0, True)
+            await self._engine_step("sleep", engine, "go from sleep level 1 to 2", wake_then_sleep_at_level_2())
+        except _StepFailed:
+            return Outcome.FAILED
         self.sleep_level, self.host_held = 2, 0
         self._set(State.SLEEPING)
         return Outcome.DONE
+
+    async def _engine_step(self, operation: str, engine: eng.EngineProcess, what: str, step: Awaitable[T]) -> T:
+        """One engine operation of a transition, under `transition_timeout` and observed in the metrics. An
+        engine that fails it is in an unknown state: the child is killed, ERROR with the reason, _StepFailed
+        (a cancellation does the same, then propagates)."""
+        t0 = self._clock()
+        try:
+            async with asyncio.timeout(self.transition_timeout):
+                result = await step
+        except BaseException as exc:
+            self._host.observe(self, operation, self._clock() - t0, False)
+            await self._fail(
+                f"{self.name} failed to {what}: {_describe(exc, self.transition_timeout)}; it was stopped and "
+                f"starts afresh on the next request (log: {engine.spec.log_path})",
+                engine,
+            )
+            if isinstance(exc, Exception):
+                raise _StepFailed from None
+            raise
+        self._host.observe(self, operation, self._clock() - t0, True)
+        return result
 
     async def _stop(self, drain_timeout: float) -> bool:
         """Any state → STOPPED, after in-flight requests finish (False if they did not, in time)."""

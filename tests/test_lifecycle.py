@@ -507,3 +507,31 @@ async def test_a_request_that_finds_the_child_dead_before_its_watcher_does_start
         again = await asyncio.wait_for(core.manager.acquire("M"), HANG)
         again.release()
         assert again.state is State.RUNNING and again.engine is not old
+
+
+# --- a model with LoRA never sleeps at level 2 (vLLM 0.26 cannot wake it: bench/results/2026-11-27-h100-lora-wake)
+
+
+LORA = {"extra_args": ["--enable-lora"]}
+
+
+async def test_a_lora_model_is_stopped_where_it_would_sleep_at_level_2(tmp_path: Path) -> None:
+    clock = Clock()
+    models = {"L": gib(6, **LORA, keep_alive={"sleep_l1": 10, "sleep_l2": 20, "stop": 30}), "O": gib(6)}
+    async with make_core(tmp_path, models, clock=clock) as core:
+        lora = await core.request("L")
+        await core.request("O")  # L's eviction level is 2 (the default): a stop instead
+        assert lora.state is State.STOPPED and core.actions() == [("L", "stop", "capacity")]
+        snapshot, note = await core.manager.sleep("O", 2)  # a model without LoRA sleeps at level 2
+        assert snapshot["sleep_level"] == 2 and not note
+        await core.request("L")
+        snapshot, note = await core.manager.sleep("L", 2)
+        assert snapshot["state"] == "stopped" and "LoRA" in note
+        # the ladder: level 1, then no level 2 (no deepening), then the stop
+        await core.request("L")
+        start = clock.now
+        for at, expected in ((11, (State.SLEEPING, 1)), (21, (State.SLEEPING, 1)), (31, (State.STOPPED, 0))):
+            clock.now = start + at
+            await core.manager.apply_keep_alive()
+            assert (lora.state, lora.sleep_level) == expected, at
+        assert ("L", "wake1") not in core.driver.calls and ("L", "sleep2") not in core.driver.calls

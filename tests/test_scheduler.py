@@ -15,6 +15,7 @@ from vllama.scheduler import (
     Eviction,
     Placement,
     Resident,
+    host_relief,
     keep_alive_step,
     plan_placement,
 )
@@ -741,3 +742,100 @@ def test_keep_alive_step(
         **timeouts,
     )
     assert got == expected
+
+
+# --- the host budget for level-1 sleepers, devices where a model loads, models without a level-2 sleep -------
+
+HOST_CASES = [
+    pytest.param(
+        [running("A", 1, held=8, evict_level=1, host_l1=gib(3))],
+        gib(10),
+        {},
+        place(0, evict=(sleep("A", 7.5, level=1),)),
+        id="room in the host budget for A's weights -> level 1",
+    ),
+    pytest.param(
+        [running("A", 1, held=8, evict_level=1, host_l1=gib(3))],
+        gib(2),
+        {},
+        place(0, evict=(sleep("A", 7.5, level=2),)),
+        id="no room in the host budget -> level 2 (the weights are dropped)",
+    ),
+    pytest.param(
+        [
+            running("A", 1, held=4, evict_level=1, host_l1=gib(3)),
+            running("B", 2, held=4, evict_level=1, host_l1=gib(3)),
+        ],
+        gib(4),
+        {},
+        place(0, evict=(sleep("A", 3.5, level=1), sleep("B", 3.5, level=2))),
+        id="room for one sleeper's weights -> the least recently used at level 1, the next at level 2",
+    ),
+    pytest.param(
+        [running("A", 1, held=8, evict_level=2, can_sleep_l2=False)],
+        None,
+        {},
+        place(0, evict=(stop("A", 8),)),
+        id="a model that cannot wake from level 2 (LoRA) -> stopped instead",
+    ),
+    pytest.param(
+        [running("A", 1, held=8, evict_level=1, host_l1=gib(3), can_sleep_l2=False)],
+        gib(1),
+        {},
+        place(0, evict=(stop("A", 8),)),
+        id="LoRA, no room in the host budget for level 1 -> stopped, not level 2",
+    ),
+    pytest.param(
+        [running("A", 1, held=8)],
+        None,
+        {0: "L"},
+        blocked("L is loading on device 0", wait=True, holders=("L",)),
+        id="another model loads on the device -> wait, evict nothing under it",
+    ),
+]
+
+
+@pytest.mark.parametrize(("residents", "host_free", "loading", "expected"), HOST_CASES)
+def test_plan_placement_host_budget_loading_and_lora(
+    residents: list[Resident], host_free: int | None, loading: dict[int, str], expected: Placement | Blocked
+) -> None:
+    got = plan_placement([dev(0, 8, free=0)], residents, want("N", 6), host_free=host_free, loading=loading)
+    if isinstance(expected, Placement):
+        assert got == expected
+    else:
+        assert isinstance(got, Blocked), got
+        assert (got.wait, got.holders) == (expected.wait, expected.holders), got
+        assert expected.reason in got.reason, got.reason
+
+
+def test_a_loading_device_is_avoided_when_another_has_room() -> None:
+    devices = [dev(0, 8, free=8), dev(1, 8, free=8)]
+    assert plan_placement(devices, [], want("N", 4), loading={0: "L"}) == place(1)
+
+
+@pytest.mark.parametrize(
+    ("residents", "host_free", "expected"),
+    [
+        pytest.param([sleeping("A", 1, host_l1=gib(3))], 0, (), id="not overdrawn -> nothing"),
+        pytest.param(
+            [sleeping("B", 2, host_l1=gib(3)), sleeping("A", 1, host_l1=gib(3)), running("R", 0, host_l1=gib(9))],
+            -gib(1),
+            ("A",),
+            id="overdrawn by 1 GiB -> the least recently used level-1 sleeper only",
+        ),
+        pytest.param(
+            [sleeping("A", 1, host_l1=gib(3)), sleeping("B", 2, host_l1=gib(3))],
+            -gib(4),
+            ("A", "B"),
+            id="overdrawn by more than one sleeper holds -> both, oldest first",
+        ),
+        pytest.param(
+            [sleeping("P", 1, host_l1=gib(3), pinned=True)],
+            -gib(1),
+            (),
+            id="pinned sleepers stay",
+        ),
+    ],
+)
+def test_host_relief(residents: list[Resident], host_free: int, expected: tuple[str, ...]) -> None:
+    assert host_relief(residents, host_free) == expected

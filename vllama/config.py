@@ -327,6 +327,13 @@ class ModelConfig(BaseModel):
         """How many GPUs one instance uses: tensor_parallel_size × pipeline_parallel_size."""
         return self.tp * self.pp
 
+    @property
+    def lora_enabled(self) -> bool:
+        """vLLM runs this model with LoRA layers. Its level-2 wake then fails: vLLM 0.26's reload_weights does not
+        know the LoRA-wrapped layers' names (bench/results/2026-11-27-h100-lora-wake/), so such a model never
+        sleeps at level 2 (level 1, or a stop, instead)."""
+        return bool(self.adapters) or any(a.split("=", 1)[0] == "--enable-lora" for a in self.extra_args)
+
 
 def _check_adapter_name(name: str) -> None:
     if not name.strip() or name.startswith("-") or name != name.strip():

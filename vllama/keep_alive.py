@@ -98,10 +98,14 @@ class KeepAliveLoop:
         if step == "stop":
             outcome = await inst.try_evict(3)
         elif inst.state is State.RUNNING:
-            level = 1 if step == "sleep_l1" else 2
+            level = 1 if step == "sleep_l1" or inst.cfg.lora_enabled else 2
             if level == 1 and self.placement.host_bytes_at_l1(inst) > self.placement.host_free():
+                if inst.cfg.lora_enabled:
+                    return  # no room for its weights, and no level 2 with LoRA: it waits for its stop step
                 level, note = 2, " (level 2: the host memory budget has no room for its weights)"
             outcome = await inst.try_evict(level)
+        elif inst.cfg.lora_enabled:
+            return  # asleep at level 1 and due for level 2, which LoRA cannot wake from: it waits for its stop
         else:
             outcome = await inst.try_deepen()  # asleep at level 1, due for level 2
         if outcome is not Outcome.DONE:
@@ -121,7 +125,7 @@ class KeepAliveLoop:
             inst = self.registry.instances.get(name)
             if inst is None:
                 continue
-            outcome = await inst.try_deepen()
+            outcome = Outcome.NOT_NOW if inst.cfg.lora_enabled else await inst.try_deepen()
             if outcome is Outcome.NOT_NOW and inst.state is State.SLEEPING and inst.sleep_level == 1:
                 outcome = await inst.try_evict(3)  # no room to wake it for a level-2 sleep: stop it
             if outcome is Outcome.DONE:

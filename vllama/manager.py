@@ -278,6 +278,9 @@ class Manager:
         if level in (1, 2) and not self.probe.supports_sleep:
             note = f"this engine has no sleep mode ({self.probe.kind} build): stopped instead (level 3)"
             return await self.stop(name), note
+        if level == 2 and inst.cfg.lora_enabled:
+            note = "a model with LoRA cannot wake from sleep level 2 (vLLM 0.26's reload_weights): stopped instead"
+            return await self.stop(name), note
         if level == 3:
             return await self.stop(name), ""
         if inst.state is State.SLEEPING and inst.sleep_level == level:

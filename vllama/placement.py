@@ -130,6 +130,7 @@ class Placement:
                     pinned=inst.cfg.pinned,
                     evict_level=inst.cfg.sleep_level,
                     host_l1=inst.host_held if asleep_at_l1 else (self.host_bytes_at_l1(inst) if not busy else 0),
+                    can_sleep_l2=not inst.cfg.lora_enabled,
                 )
             )
         view = [

@@ -52,6 +52,7 @@ class Resident:
     pinned: bool = False
     evict_level: int = 2  # 1 or 2 = sleep at that level, 3 = stop
     host_l1: int = 0  # host memory its weights would take asleep at level 1
+    can_sleep_l2: bool = True  # False: a level-2 sleep could not be woken from (LoRA on vLLM 0.26): stop instead
 
     @property
     def evictable(self) -> bool:
@@ -241,6 +242,8 @@ def _plan_on(
                     level = 2  # the host has no room for its weights: drop them
                 else:
                     host_free -= r.host_l1
+            if level == 2 and not r.can_sleep_l2:
+                level = 3
             frees = r.held if level == 3 else max(r.held - r.asleep_held, 0)
             chosen[r.name] = Eviction(r.name, level, frees)
             credit(r, frees)

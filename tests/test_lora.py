@@ -255,19 +255,15 @@ def test_bad_adapters_are_clear_errors_and_disturb_nothing(lora_daemon: Daemon) 
     assert stats["loras"] == ["a"] and stats["lora_unloads"] == 0
 
 
-def test_adapters_come_back_after_a_level2_wake_and_a_restart(lora_daemon: Daemon) -> None:
+def test_a_lora_base_is_stopped_instead_of_level_2_and_restarts_with_no_adapter(lora_daemon: Daemon) -> None:
+    """vLLM 0.26 cannot wake a LoRA-enabled model from sleep level 2 (bench/results/2026-11-27-h100-lora-wake):
+    `vllama sleep --level 2` stops it and says why; the new process starts with no adapter, and vllama's books
+    start over with it."""
     with lora_daemon.client() as c:
         assert completion(c, "a").status_code == 200
         assert completion(c, "b").status_code == 200
-        assert lora_daemon.cli("sleep", "base", "--level", "2").returncode == 0
-        # the fake engine dropped its adapters at the level-2 sleep; the wake loads a and b again
-        r = completion(c, "a")
-        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("a:"), r.text
-        stats = fake_stats(lora_daemon, "base")
-        assert sorted(stats["loras"]) == ["a", "b"] and stats["lora_loads"] == 4
-        assert 'operation="reload",outcome="ok"} 1.0' in c.get("/metrics").text
-        # a restarted base starts with no adapter: vllama's books start over with the new process
-        assert lora_daemon.cli("stop", "base").returncode == 0
+        done = lora_daemon.cli("sleep", "base", "--level", "2")
+        assert done.returncode == 0 and "LoRA" in done.stdout + done.stderr, done
         assert not any(a["loaded"] for a in ps_adapters(lora_daemon, "base").values())
         r = completion(c, "b")
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("b:"), r.text

@@ -246,29 +246,6 @@ class LoraRegistry:
         if self.metrics is not None:
             self.metrics.observe_lora(base, adapter, operation, seconds, ok)
 
-    async def reload_after_wake(self, base: str, engine: eng.EngineProcess, http: aiohttp.ClientSession) -> None:
-        """After a level-2 wake of `base`: load its adapters again from disk, in place (a level-2 sleep drops
-        the weights; whether vLLM keeps the adapters' is not checked on a GPU yet, so assume it does not).
-        Call it right after the wake, before any request can reach the base: its first step, taking the
-        adapters out of service, has no await before it. An adapter that fails to load is left unloaded (its
-        next request loads it, or reports why not)."""
-        state = self._bases.get(base)
-        if state is None or state.engine is not engine or not state.loaded:
-            return
-        wanted = list(state.loaded.items())
-        state.loaded.clear()  # out of service until reloaded: requests for them wait on the lock
-        async with state.lock:
-            for name, path in wanted:
-                t0 = time.perf_counter()
-                try:
-                    await eng.load_lora(engine, http, name, path, replace=True)
-                except (eng.LoraError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    self._observe(base, name, "reload", time.perf_counter() - t0, False)
-                    log.warning("%s: reloading adapter %s after a wake failed: %s", base, name, exc)
-                    continue
-                self._observe(base, name, "reload", time.perf_counter() - t0, True)
-                state.loaded[name] = path
-
     def snapshot(self, base: str, cfg: ModelConfig, engine: eng.EngineProcess | None) -> list[dict[str, Any]]:
         """The adapters of `base` for ps and /v1/models: each configured adapter, loaded or not."""
         state = self._bases.get(base)

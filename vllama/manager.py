@@ -208,9 +208,6 @@ class Manager:
 
     async def wake_engine(self, engine: eng.EngineProcess, level: int, served_name: str) -> None:
         await self.driver.wake(engine, level, served_name)
-        if level == 2 and self.loras.state_for(served_name, engine) is not None:
-            # vLLM may have dropped the LoRA adapters with the weights: load them again while still waking
-            await self.loras.reload_after_wake(served_name, engine, self.http)
 
     async def stop_engine(self, engine: eng.EngineProcess) -> None:
         await self.driver.stop(engine)

@@ -60,7 +60,7 @@ class Placement:
         self.on_eviction = on_eviction
         self.host_budget = host_budget
         self._changed = asyncio.Event()
-        self._host_estimates: dict[tuple[str, str], int] = {}
+        self._weights_on_disk: dict[str, int | None] = {}
 
     def changed(self) -> None:
         """Something that may free memory happened: wake everyone waiting for room."""
@@ -72,15 +72,14 @@ class Placement:
     def host_bytes_at_l1(self, inst: Instance) -> int:
         """Host memory a model's weights take asleep at level 1: the checkpoint's size where its files are local,
         else what it holds awake less what it keeps asleep (more than the weights: a safe side)."""
-        key = (inst.name, inst.cfg.source or inst.name)
-        if key not in self._host_estimates:
-            folder = model_dir(inst.cfg.source or inst.name)
-            on_disk = checkpoint_bytes(folder)[0] if folder is not None else None
-            if on_disk:
-                self._host_estimates[key] = on_disk
-            else:
-                return max(inst.need - self._asleep_held(inst), 0) * max(len(inst.devices), 1)
-        return self._host_estimates[key]
+        source = inst.cfg.source or inst.name
+        if source not in self._weights_on_disk:  # looked up once per source (the plans read it often)
+            folder = model_dir(source)
+            self._weights_on_disk[source] = checkpoint_bytes(folder)[0] if folder is not None else None
+        on_disk = self._weights_on_disk[source]
+        if on_disk:
+            return on_disk
+        return max(inst.need - self._asleep_held(inst), 0) * max(len(inst.devices), 1)
 
     def host_free(self) -> int:
         """What is left of the host budget for level-1 sleepers (negative when overdrawn)."""

@@ -101,6 +101,16 @@ def wait_state(c: httpx.Client, model: str, state: str, timeout: float = 10.0) -
         raise AssertionError(f"{model} never became {state}; ps: {ps(c).get(model)}") from None
 
 
+def wait_spawned(c: httpx.Client, model: str, timeout: float = 30.0) -> dict[str, Any]:
+    """`model` starting with its child spawned (a start is reserved first, then spawned: `starting` comes first)."""
+
+    def check() -> dict[str, Any] | None:
+        m = ps(c).get(model)
+        return m if m is not None and m["state"] == "starting" and m["pid"] else None
+
+    return dict(wait_for(check, timeout, what=f"{model} starting with a pid"))
+
+
 def engine_stats(port: int) -> dict[str, Any]:
     return dict(httpx.get(f"http://127.0.0.1:{port}/fake/stats", timeout=5).json())
 

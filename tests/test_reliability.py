@@ -50,6 +50,7 @@ from tests.test_manager_fake import (
     ps,
     states,
     wait_for,
+    wait_spawned,
     wait_state,
 )
 
@@ -196,8 +197,7 @@ def test_child_hanging_at_start_times_out_with_503_and_its_group_killed(fake_dae
     fake_daemon.start()
     with fake_daemon.client() as c, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_once, fake_daemon, "/v1/chat/completions", chat_body("hangs", "anyone there"))
-        m = wait_state(c, "hangs", "starting", timeout=30)
-        group = group_of(m["pid"])
+        group = group_of(wait_spawned(c, "hangs")["pid"])
         assert_echo(chat(c, "fine", "not blocked"), "not blocked")  # another model is unaffected meanwhile
         r = pending.result(60)
         err = assert_openai_error(r, 503, "model_unavailable")
@@ -428,7 +428,7 @@ def test_sigkill_of_daemon_mid_start_mid_stream_and_asleep_leaves_nothing(fake_d
         assert_echo(chat(c, "asleep", "hi"), "hi")
         assert c.post("/vllama/sleep", json={"model": "asleep", "level": 1}).status_code == 200
         pool.submit(post_once, fake_daemon, "/vllama/start", {"model": "starting"})
-        wait_state(c, "starting", "starting")
+        wait_spawned(c, "starting")
         stream = RawStream(fake_daemon, "streaming", "interrupted", rate=10, max_tokens=200)
         read_events(stream, 2)
         groups = fake_daemon.child_groups()

@@ -7,7 +7,7 @@ Each Manager owns its own registry (no process-global state), so several apps ca
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -239,8 +239,19 @@ def _endpoint(scope: Scope) -> str:
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+    for candidate in _leaf_routes(getattr(getattr(app, "router", None), "routes", ())):
         match, _ = candidate.matches(scope)
         if match is not Match.NONE:
             return str(getattr(candidate, "path", "unmatched"))
     return "unmatched"
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes that answer requests. Newer FastAPI keeps an included router as one entry (its
+    `original_router`) and sets no `route` in the scope the middleware sees: look inside."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route

@@ -327,9 +327,11 @@ class Instance:
     async def _serve(self, c: Command) -> Any:
         if c.kind == "bring_up":
             await self._bring_up(c.attempts_seen, c.backoff)
-            if c.admit and not self.try_acquire():
+            if not c.admit:
+                return self.snapshot()  # for `vllama start` (it reads the child's pid: not on the request path)
+            if not self.try_acquire():
                 raise ModelUnavailable(self.last_error or f"{self.name} is {self.state.value}")
-            return self.snapshot()
+            return None
         if c.kind == "evict":
             return await self._evict(c.level)
         if c.kind == "deepen":

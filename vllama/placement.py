@@ -61,6 +61,9 @@ class Placement:
         self.host_budget = host_budget
         self._changed = asyncio.Event()
         self._weights_on_disk: dict[str, int | None] = {}
+        # model → bytes per device: the room an eviction is freeing for that model, until its next plan (see
+        # make_room); other models' plans do not count it as free
+        self._claims: dict[str, dict[int, int]] = {}
 
     def changed(self) -> None:
         """Something that may free memory happened: wake everyone waiting for room."""
@@ -100,9 +103,12 @@ class Placement:
                     out[d] = inst.name
         return out
 
-    def memory_view(self) -> tuple[list[scheduler.DeviceMemory], list[scheduler.Resident]]:
-        """The devices' free memory (measured, less what loading instances reserved but have not taken yet)
-        and every instance that holds memory, for the policy."""
+    def memory_view(
+        self, for_model: str | None = None
+    ) -> tuple[list[scheduler.DeviceMemory], list[scheduler.Resident]]:
+        """The devices' free memory (measured, less what loading instances reserved but have not taken yet, less
+        the room other models' evictions are freeing for them) and every instance that holds memory, for the
+        policy (as `for_model` sees it)."""
         devices = self.probe.devices()
         measured = self.measured_by_instance()
         reserved = {d.index: 0 for d in devices}
@@ -132,6 +138,11 @@ class Placement:
                     can_sleep_l2=not inst.cfg.lora_enabled,
                 )
             )
+        for model, claim in self._claims.items():
+            if model != for_model:
+                for d, n in claim.items():
+                    if d in reserved:
+                        reserved[d] += n
         view = [
             scheduler.DeviceMemory(d.index, d.total, max(0, min(d.free, d.total - reserved[d.index]))) for d in devices
         ]
@@ -157,13 +168,13 @@ class Placement:
                     mine[d] = mine.get(d, 0) + n
         return out
 
-    def free_on(self, devices: tuple[int, ...]) -> dict[int, int]:
-        view, _ = self.memory_view()
+    def free_on(self, devices: tuple[int, ...], for_model: str | None = None) -> dict[int, int]:
+        view, _ = self.memory_view(for_model)
         return {d.index: d.free for d in view if d.index in devices}
 
     def plan(self, inst: Instance, waking: bool) -> tuple[scheduler.Plan, scheduler.Demand]:
         fixed = inst.devices if waking else (tuple(inst.cfg.devices) if inst.cfg.devices else None)
-        devices, residents = self.memory_view()
+        devices, residents = self.memory_view(inst.name)
         demand = self.demand_for(inst, fixed, waking)
         plan = scheduler.plan_placement(
             devices,
@@ -171,10 +182,17 @@ class Placement:
             demand,
             can_sleep=self.probe.supports_sleep,
             host_free=self.host_free() if self.probe.supports_sleep else None,
-            loading=self.loading(exclude=inst),
+            loading=self.busy_devices(inst),
             links=self.probe.links,
         )
         return plan, demand
+
+    def busy_devices(self, inst: Instance) -> dict[int, str]:
+        """Devices where another model loads, or is evicting to make room for itself: `inst` does not plan
+        there meanwhile (on a GPU vLLM sizes a loading model from free memory; and two placements evicting on one
+        device at once would both take the same victim, then one would stop it for nothing)."""
+        busy = {d: name for name, claim in self._claims.items() if name != inst.name for d in claim}
+        return {**busy, **self.loading(exclude=inst)}
 
     def _reservation(self, devices: tuple[int, ...], demand: scheduler.Demand, inst: Instance) -> Reservation:
         if demand.waking:  # same devices, same fraction
@@ -197,6 +215,16 @@ class Placement:
     async def make_room(self, inst: Instance, waking: bool) -> Reservation:
         """Evict (one step at a time, re-reading real memory after each) until `inst` fits, then reserve. Waits
         while only busy models stand in the way, up to `capacity_wait`; then NoCapacity."""
+        try:
+            return await self._make_room(inst, waking)
+        finally:
+            self._drop_claim(inst.name)
+
+    def _drop_claim(self, name: str) -> None:
+        if self._claims.pop(name, None) is not None:
+            self.changed()  # others' plans may count that room again
+
+    async def _make_room(self, inst: Instance, waking: bool) -> Reservation:
         loop = asyncio.get_running_loop()  # deadlines are real time (`clock` is for idle times, tests move it)
         deadline = loop.time() + self.settings.capacity_wait
         while True:
@@ -204,16 +232,20 @@ class Placement:
             plan, demand = self.plan(inst, waking)
             if isinstance(plan, scheduler.Placement):
                 if not plan.evictions:
-                    return self._reservation(plan.devices, demand, inst)
+                    return self._reservation(plan.devices, demand, inst)  # the caller reserves: no await between
                 victim = self.registry.instances.get(plan.evictions[0].name)
                 totals = {d.index: d.total for d in self.probe.devices()}
                 wanted = {d: n - demand.held for d, n in demand.needs(totals, plan.devices).items()}
+                # the room this eviction frees is this model's until its next plan: the victim's own queued request
+                # (or anyone else) does not take it back in between, which would make the two swap over and over
+                self._claims[inst.name] = wanted
                 if victim is not None and await self._evict(victim, plan.evictions[0], inst.name, wanted):
                     continue
                 # the victim became busy since the plan was made: plan again once something changes
             elif not plan.wait:
                 inst.last_error = plan.reason
                 raise NoCapacity(plan.reason)
+            self._drop_claim(inst.name)  # never hold room while waiting
             remaining = deadline - loop.time()
             if remaining <= 0:
                 reason = plan.reason if isinstance(plan, scheduler.Blocked) else "the models in the way stayed busy"
@@ -226,7 +258,7 @@ class Placement:
     ) -> bool:
         """Ask the victim to sleep or stop; True if it did (or failed trying, which freed its memory too).
         `wanted`: the free bytes per device the model being placed needs."""
-        before = self.free_on(victim.devices)
+        before = self.free_on(victim.devices, for_model)
         held_before = self.measured_by_instance().get(victim.name, {})
         outcome = await victim.try_evict(eviction.level)
         if outcome is Outcome.NOT_NOW:
@@ -240,21 +272,23 @@ class Placement:
             # the plan guessed what a sleeper keeps (its CUDA context); now it is measured: expect what was
             # really released, not the guess (a guess too low would wait out the settle timeout for nothing)
             expected = max(0, min(held_before.get(d, 0) for d in victim.devices) - victim.asleep_held)
-        await self._settle(victim, before, expected, wanted)
+        await self._settle(victim, for_model, before, expected, wanted)
         return True
 
-    async def _settle(self, victim: Instance, before: dict[int, int], expected: int, wanted: dict[int, int]) -> None:
+    async def _settle(
+        self, victim: Instance, for_model: str, before: dict[int, int], expected: int, wanted: dict[int, int]
+    ) -> None:
         """Freed GPU memory shows up in NVML with a delay: wait (bounded) until most of it is back, or until
-        what the model being placed needs (`wanted`, free bytes per device) is free, or until the victim moved
-        on (woken again by its own request: then the next plan sees that)."""
+        what the model being placed needs (`wanted`, free bytes per device) is free, or until the victim's state
+        changed (it died, or was stopped: the next plan sees that)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.memory_settle_timeout
         target = int(expected * 0.9)
         devices, settled_as = victim.devices, (victim.state, victim.sleep_level)
         while loop.time() < deadline:
-            if victim.busy or (victim.state, victim.sleep_level) != settled_as:
+            if (victim.state, victim.sleep_level) != settled_as:
                 return
-            now = self.free_on(tuple(set(devices) | set(wanted)))
+            now = self.free_on(tuple(set(devices) | set(wanted)), for_model)
             if all(now.get(d, 0) - before.get(d, 0) >= target for d in devices):
                 return
             if all(now.get(d, 0) >= n for d, n in wanted.items()):

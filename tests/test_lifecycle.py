@@ -535,3 +535,19 @@ async def test_a_lora_model_is_stopped_where_it_would_sleep_at_level_2(tmp_path:
             await core.manager.apply_keep_alive()
             assert (lora.state, lora.sleep_level) == expected, at
         assert ("L", "wake1") not in core.driver.calls and ("L", "sleep2") not in core.driver.calls
+
+
+async def test_the_room_an_eviction_frees_goes_to_the_model_that_evicted(tmp_path: Path) -> None:
+    """B evicts A; a request for A arrives while A falls asleep. B gets the room (A's own request does not wake
+    A back into it, which made the two swap over and over), then A's request is served once B is idle."""
+    async with make_core(tmp_path, {"A": gib(6), "B": gib(6)}) as core:
+        await core.request("A")
+        gate = core.driver.hold("A", "sleep2")
+        for_b = asyncio.create_task(core.request("B"))
+        await asyncio.wait_for(gate.entered.wait(), HANG)
+        for_a = asyncio.create_task(core.request("A"))  # queued behind A's sleep
+        await settle()
+        core.driver.release("A", "sleep2")
+        await asyncio.wait_for(asyncio.gather(for_b, for_a), HANG)
+        calls = core.driver.calls
+        assert calls.index(("B", "start")) < calls.index(("A", "wake2")), calls

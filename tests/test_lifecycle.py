@@ -185,9 +185,10 @@ async def test_two_events_on_one_model_end_in_a_defined_state(tmp_path: Path, fi
             # raced with a request (409), or no room while the other model was busy
             if isinstance(r, BaseException):
                 assert isinstance(r, ModelUnavailable | Conflict), repr(r)
-        await asyncio.wait_for(_until(lambda: not m.busy), HANG)
+        # settled, and nothing left in flight (a request admitted for a client that left is given back by a
+        # callback of its answer: it may run a loop turn after the owner goes idle)
+        await asyncio.wait_for(_until(lambda: not m.busy and m.in_flight == 0), HANG)
         assert m.state in (State.RUNNING, State.SLEEPING, State.STOPPED, State.ERROR)
-        assert m.in_flight == 0
         if m.state is State.ERROR:
             assert m.last_error
         if m.state is not State.RUNNING:

@@ -150,20 +150,21 @@ class Placement:
 
     def measured_by_instance(self) -> dict[str, dict[int, int]]:
         """Device memory each instance's processes hold, as the probe measures it (model → device → bytes)."""
-        per_pid = self.probe.process_memory()
-        if not per_pid:
-            return {}
-        # each child's process group is led by its guard: map the few GPU-holding pids to groups, rather than
-        # scanning every process of the machine (this runs on the event loop, during placements)
-        by_group = {i.engine.pid: i.name for i in self.registry.instances.values() if i.engine is not None}
-        out: dict[str, dict[int, int]] = {}
-        for pid, per_device in per_pid.items():
+        names = {i.engine.pid: i.name for i in self.registry.instances.values() if i.engine is not None}
+        return {names[group]: held for group, held in self._held_by_groups(set(names)).items()}
+
+    def _held_by_groups(self, groups: set[int]) -> dict[int, dict[int, int]]:
+        """Device memory held by the processes of these process groups (group → device → bytes). Each child's
+        group is led by its guard: the few GPU-holding pids are mapped to groups, rather than every process of
+        the machine scanned (this runs on the event loop, during placements)."""
+        out: dict[int, dict[int, int]] = {}
+        for pid, per_device in self.probe.process_memory().items():
             try:
-                name = by_group.get(os.getpgid(pid))
+                group = os.getpgid(pid)
             except OSError:
                 continue
-            if name is not None:
-                mine = out.setdefault(name, {})
+            if group in groups:
+                mine = out.setdefault(group, {})
                 for d, n in per_device.items():
                     mine[d] = mine.get(d, 0) + n
         return out
@@ -298,17 +299,4 @@ class Placement:
 
     def held_by(self, engine_pid: int) -> int:
         """The most device memory the process group `engine_pid` holds on one device now (0 if unknown)."""
-        per_pid = self.probe.process_memory()
-        most = 0
-        totals: dict[int, int] = {}
-        for pid, per_device in per_pid.items():
-            try:
-                if os.getpgid(pid) != engine_pid:
-                    continue
-            except OSError:
-                continue
-            for d, n in per_device.items():
-                totals[d] = totals.get(d, 0) + n
-        if totals:
-            most = max(totals.values())
-        return most
+        return max(self._held_by_groups({engine_pid}).get(engine_pid, {}).values(), default=0)

@@ -25,7 +25,10 @@ if [ $# -eq 0 ]; then
     echo "== the tests that need no real vLLM, under $("$py312" --version)" >&2
     venv312=$(VLLAMA_SETUP_LIGHT=1 PYTHON="$py312" VLLAMA_VENV="$HOME/.cache/vllama/venv-py312" \
       bash "$root/scripts/setup.sh" | tail -n 1)
-    PATH="$venv312/bin:$PATH" "$venv312/bin/python" -m pytest -q -ra -m "not vllm" -p no:cacheprovider
+    # test_offline_models.py needs torch, which the light venv lacks (the CPU torch wheel is cp311 only): it ran
+    # above, and is left out here rather than reported as skipped
+    PATH="$venv312/bin:$PATH" "$venv312/bin/python" -m pytest -q -ra -m "not vllm" -p no:cacheprovider \
+      --ignore=tests/test_offline_models.py
   else
     echo "== no Python 3.12 on this machine: the 3.12 run of the tests without real vLLM is skipped" >&2
   fi

@@ -102,11 +102,18 @@ def wait_state(c: httpx.Client, model: str, state: str, timeout: float = 10.0) -
 
 
 def wait_spawned(c: httpx.Client, model: str, timeout: float = 30.0) -> dict[str, Any]:
-    """`model` starting with its child spawned (a start is reserved first, then spawned: `starting` comes first)."""
+    """`model` starting with its server spawned (a start is reserved first, then the guard is spawned, then the
+    guard spawns the server: `ps` shows the guard's pid until the server exists)."""
+
+    def is_server(pid: int) -> bool:
+        try:
+            return not any("vllama.guard" in a for a in psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return False
 
     def check() -> dict[str, Any] | None:
         m = ps(c).get(model)
-        return m if m is not None and m["state"] == "starting" and m["pid"] else None
+        return m if m is not None and m["state"] == "starting" and m["pid"] and is_server(m["pid"]) else None
 
     return dict(wait_for(check, timeout, what=f"{model} starting with a pid"))
 

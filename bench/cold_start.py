@@ -6,9 +6,11 @@ from each start's log as it is written.
                                [--extra-args "--enforce-eager"] [--out bench/results]
 
 Kinds: `bare` (vLLM by hand), `pool` (through vllama, the start handed to a pre-imported interpreter of the warm
-pool), `vllama` (through vllama, `prewarm: false`: a fresh interpreter, as before the pool). Before each start the
-run waits until the pool has a ready spare again, so no start competes with a spare's imports. A warm-up start
-(bare, not counted) first fills the OS page cache and vLLM's compile cache; `--no-warmup` skips it.
+pool), `vllama` (through vllama, `prewarm: false`: a fresh interpreter, as before the pool), `b2b` (back to back:
+model M's start, then at once, as its first token arrives, another model's start: the second one is timed), `first`
+(the first request right after a fresh `vllama serve` answers /health, its spares still importing). Before each
+start but `first` the run waits until the pool has `--pool-size` ready spares again. A warm-up start (bare, not
+counted) first fills the OS page cache and vLLM's compile cache; `--no-warmup` skips it.
 
 On CPU this uses vLLM's CPU build (VLLM_CPU_KVCACHE_SPACE=1, as vllama sets by default); on a GPU, the
 `--enable-sleep-mode` vllama adds there. `$VLLAMA_GPU_BUNDLE_ARGS` (the GPU bundle's required flags) is appended
@@ -52,8 +54,9 @@ PHASES = [
     ("engine_ready", re.compile(r"init engine \(profile, create kv cache, warmup model\) took")),
     ("server_up", re.compile(r"Starting vLLM (?:API )?server|Application startup complete")),
 ]
-KINDS = ("bare", "pool", "vllama")
-MODEL_OF = {"pool": "M", "vllama": "P"}
+KINDS = ("bare", "pool", "vllama", "b2b", "first")
+MODEL_OF = {"pool": "M", "vllama": "P", "b2b": "N", "first": "M"}
+POOLED = ("pool", "b2b", "first")
 
 
 def free_port() -> int:
@@ -177,12 +180,31 @@ def via_vllama(url: str, home: Path, model: str, decode: int = 0) -> dict[str, A
     }
 
 
-def wait_for_spare(url: str, timeout: float = 600.0) -> float:
-    """Wait until the warm pool has a ready spare (a refill after the last start); the seconds waited."""
+def back_to_back(url: str, home: Path, decode: int = 0) -> dict[str, Any]:
+    """M's start, then N's as soon as M's first token is there: N's start is the one timed."""
+    first, _ = first_token(url, "M")
+    result = via_vllama(url, home, "N", decode)
+    httpx.post(f"{url}/vllama/stop", json={"model": "M"}, timeout=120).raise_for_status()
+    return {**result, "before_it": {"model": "M", "seconds": round(first, 2)}}
+
+
+def first_after_serve(home: Path, env: dict[str, str], decode: int = 0) -> dict[str, Any]:
+    """A fresh `vllama serve`; M requested as soon as /health answers (the spares are still importing)."""
+    port = free_port()
+    daemon = start_daemon(home, port, env)
+    try:
+        return via_vllama(f"http://127.0.0.1:{port}", home, "M", decode)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(120)
+
+
+def wait_for_spare(url: str, count: int = 1, timeout: float = 600.0) -> float:
+    """Wait until the warm pool has `count` ready spares (a refill after the last start); the seconds waited."""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         pool = httpx.get(f"{url}/vllama/info", timeout=30).json().get("warm_pool") or {}
-        if any(s["state"] == "ready" for s in pool.get("spares", [])):
+        if sum(s["state"] == "ready" for s in pool.get("spares", [])) >= count:
             return round(time.perf_counter() - t0, 1)
         if pool.get("gave_up"):
             raise RuntimeError(f"the warm pool gave up: {pool}")
@@ -199,18 +221,21 @@ def render(report: dict[str, Any]) -> str:
         f"- date: {report['date']}; machine: {report['machine']}; device {report['device']}; "
         f"load average at the end {report['load_end']:.2f}",
         f"- command: `{report['command']}`",
-        f"- warm pool: fork {'on' if report['pool_fork'] else 'off'}; spare imports took "
-        f"{report.get('spare_import_seconds')} s (in the background, before the start)",
+        f"- warm pool: {report['pool_size']} spares, fork {'on' if report['pool_fork'] else 'off'}; spare imports "
+        f"took {report.get('spare_import_seconds')} s (in the background, before the start but for `first`)",
+        "- kinds: bare = vLLM by hand; pool = through vllama, a ready spare; vllama = through vllama, `prewarm: "
+        "false`; b2b = through vllama, a second model right after another's start; first = the first request "
+        "right after `vllama serve` is up",
         "",
         "Seconds from the spawn (bare) or the request (vllama) to the first line of each phase in the log, to the "
         "server's /health (bare) and to the first streamed token:",
         "",
-        "| round | kind | " + " | ".join(names) + " | first token | decode tok/s |",
-        "|---|---|" + "---|" * len(names) + "---|---|",
+        "| round | kind | " + " | ".join(names) + " | first token | decode tok/s | started by |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
         *[
             f"| {r['round']} | {r['kind']} | "
             + " | ".join(str(r["phases"].get(n, "")) for n in names)
-            + f" | **{r['seconds']}** | {r.get('decode_tok_s') or ''} |"
+            + f" | **{r['seconds']}** | {r.get('decode_tok_s') or ''} | {r.get('started_by') or ''} |"
             for r in rows
         ],
         "",
@@ -239,6 +264,7 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     parser.add_argument("--no-fork", action="store_true", help="VLLAMA_POOL_FORK=0: spawned EngineCore/workers")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--pool-size", type=int, default=2, help="VLLAMA_POOL_SIZE of the daemon")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     exit_on_sigterm()
@@ -261,7 +287,7 @@ def main() -> int:
         {
             "VLLAMA_HOME": str(home),
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-            "VLLAMA_POOL_SIZE": "1" if "pool" in kinds else "0",
+            "VLLAMA_POOL_SIZE": str(args.pool_size) if any(k in POOLED for k in kinds) else "0",
             "VLLAMA_POOL_FORK": "0" if args.no_fork else "1",
         }
     )
@@ -275,8 +301,9 @@ def main() -> int:
         env["VLLAMA_GPU_PROBE"] = "nvml"
         bare_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--enable-sleep-mode"]
         bare_env = {**env, "VLLM_SERVER_DEV_MODE": "1"}
-    models = {"M": entry, "P": {**entry, "prewarm": False}}
-    (home / "models.yaml").write_text(yaml.safe_dump({MODEL_OF[k]: models[MODEL_OF[k]] for k in kinds if k != "bare"}))
+    models = {"M": entry, "N": entry, "P": {**entry, "prewarm": False}}
+    wanted = {MODEL_OF[k] for k in kinds if k != "bare"} | ({"M"} if "b2b" in kinds else set())
+    (home / "models.yaml").write_text(yaml.safe_dump({name: models[name] for name in sorted(wanted)}))
 
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -285,6 +312,7 @@ def main() -> int:
         "device": args.device,
         "command": "python bench/cold_start.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "pool_fork": not args.no_fork,
+        "pool_size": args.pool_size,
         "rows": [],
     }
     rows: list[dict[str, Any]] = report["rows"]
@@ -294,23 +322,36 @@ def main() -> int:
         if not args.no_warmup:
             report["warmup"] = bare(args.model, bare_args, bare_env, tmp, args.decode)
             print(json.dumps({"warmup": report["warmup"]["seconds"]}), flush=True)
-        if any(k != "bare" for k in kinds):
-            port = free_port()
-            daemon = start_daemon(home, port, env)
-            url = f"http://127.0.0.1:{port}"
+        shared = any(k not in ("bare", "first") for k in kinds)
+        pooled = any(k in POOLED for k in kinds) and args.pool_size > 0
         for i in range(args.rounds):
             order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # alternate who goes first
             for kind in order:
-                waited = wait_for_spare(url) if "pool" in kinds else 0.0
+                if kind == "first":
+                    # its own daemon: the shared one is stopped so that nothing else imports meanwhile
+                    if daemon is not None:
+                        daemon.send_signal(signal.SIGTERM)
+                        daemon.wait(120)
+                        daemon = None
+                    rows.append({"round": i + 1, "kind": kind, **first_after_serve(home, env, args.decode)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                if shared and daemon is None:
+                    port = free_port()
+                    daemon = start_daemon(home, port, env)
+                    url = f"http://127.0.0.1:{port}"
+                waited = wait_for_spare(url, args.pool_size) if pooled and daemon is not None else 0.0
                 if kind == "bare":
                     result = bare(args.model, bare_args, bare_env, tmp, args.decode)
+                elif kind == "b2b":
+                    result = back_to_back(url, home, args.decode)
                 else:
                     result = via_vllama(url, home, MODEL_OF[kind], args.decode)
                 rows.append({"round": i + 1, "kind": kind, "waited_for_spare": waited, **result})
                 print(json.dumps(rows[-1]), flush=True)
-        if "pool" in kinds:
-            pool = httpx.get(f"{url}/vllama/info", timeout=30).json().get("warm_pool") or {}
-            report["warm_pool"] = pool
+        if pooled:
+            if daemon is not None:
+                report["warm_pool"] = httpx.get(f"{url}/vllama/info", timeout=30).json().get("warm_pool") or {}
             found = [re.search(r"imports took ([\d.]+) s", r.get("spare") or "") for r in rows]
             report["spare_import_seconds"] = [float(m.group(1)) for m in found if m]
     finally:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,7 @@ from vllama.pool import (
     LATE_ENV,
     MAX_FAILURES,
     WarmPool,
+    default_pool_size,
     handoff_blockers,
     import_env,
     pool_key,
@@ -159,8 +161,7 @@ async def test_spare_takes_a_model_and_stops_cleanly(pool: WarmPool, tmp_path: P
     assert "Starting vLLM API server" in eng.output_since_start(engine)  # its output went to the model's log
     assert await eng.terminate(engine, 3) == 0
     assert not wait_until_gone({engine.pid}, 10)
-    # a new spare is made once that start is over
-    await wait_ready_spare(pool)
+    await wait_ready_spare(pool)  # and a new spare was made
 
 
 async def test_close_stops_waiting_spares(pool: WarmPool, tmp_path: Path) -> None:
@@ -245,6 +246,58 @@ async def test_a_start_waits_for_a_spare_still_importing(pool: WarmPool, tmp_pat
     assert pool.how_started(engine) == "warm pool"
     assert await asyncio.wait_for(engine.process.wait(), 30) == 3
     assert "slowmod ran with ['--model', 'x']" in spec.log_path.read_text()
+
+
+@pytest.mark.parametrize(("available_gib", "size"), [(64, 2), (16, 2), (15.9, 1), (2, 1)])
+def test_default_pool_size_follows_the_hosts_memory(
+    monkeypatch: pytest.MonkeyPatch, available_gib: float, size: int
+) -> None:
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=int(available_gib * (1 << 30))))
+    assert default_pool_size() == size
+
+
+async def test_a_taken_spare_is_replaced_at_once_so_back_to_back_starts_are_pooled(
+    pool: WarmPool, tmp_path: Path
+) -> None:
+    """Spares import at low priority, so the one a start takes is replaced at once, not when that start is over
+    (a second cold start right after another used to be a plain spawn). The first start here never finishes."""
+    assert pool.nice > 0  # root may lower and raise priorities (the tests run as root)
+    hanging = launch(tmp_path, env={"FAKE_ENGINE_HANG": "1"}, name="first")
+    pool.want(FAKE_CMD, hanging.env)
+    await pool.fill()
+    first_spare = await wait_ready_spare(pool)
+    first = await pool.spawn(hanging, prefix=FAKE_CMD, stop_grace=3)
+    assert pool.how_started(first) == "warm pool"
+    second_spare = await wait_ready_spare(pool)  # while the first start still has not opened its port
+    assert second_spare["pid"] != first_spare["pid"] and first.process.returncode is None
+    second = await pool.spawn(
+        launch(tmp_path, env={"FAKE_ENGINE_HANG": "1"}, name="second"), prefix=FAKE_CMD, stop_grace=3
+    )
+    assert pool.how_started(second) == "warm pool" and pool.pooled_starts == 2 and pool.plain_starts == 0
+    for engine in (first, second):
+        await eng.terminate(engine, 3)
+
+
+async def test_without_low_priority_spares_the_refill_waits_for_the_start(tmp_path: Path) -> None:
+    """Where spares cannot import at a lower priority, a spare importing beside a start would slow it down:
+    the refill waits until the start is over."""
+    pool = WarmPool(size=1, logs_dir=tmp_path / "logs", stop_grace=3, device_kind="cuda", modules=[FAKE], nice=0)
+    try:
+        hanging = launch(tmp_path, env={"FAKE_ENGINE_HANG": "1"})
+        pool.want(FAKE_CMD, hanging.env)
+        await pool.fill()
+        await wait_ready_spare(pool)
+        engine = await pool.spawn(hanging, prefix=FAKE_CMD, stop_grace=3)
+        await until(lambda: "hanging before the port opens" in spec_log(hanging), 30, "the start to hang")
+        assert pool.snapshot()["spares"] == []  # not refilled while the start goes on
+        await eng.terminate(engine, 3)
+        await wait_ready_spare(pool)  # refilled once it is over
+    finally:
+        await pool.close()
+
+
+def spec_log(spec: eng.LaunchSpec) -> str:
+    return spec.log_path.read_text(errors="replace") if spec.log_path.exists() else ""
 
 
 # --- the daemon with the pool ----------------------------------------------------------------------------------

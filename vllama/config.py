@@ -666,9 +666,10 @@ class Settings:
     # the admin key is set); the admin key guards /vllama/*
     api_key: str | None = field(default=None, repr=False)
     admin_api_key: str | None = field(default=None, repr=False)
-    # warm interpreter pool (vllama/pool.py): spares per engine environment (0 = off); fork vLLM's EngineCore and
-    # workers from the pre-imported server instead of spawning fresh interpreters
-    pool_size: int = 1
+    # warm interpreter pool (vllama/pool.py): spares per engine environment (0 = off; None = sized to the host's
+    # memory, `pool.default_pool_size`); fork vLLM's EngineCore and workers from the pre-imported server instead
+    # of spawning fresh interpreters
+    pool_size: int | None = None
     pool_fork: bool = True
     # server modules a spare may pre-import (`PYTHON -m MODULE` commands only)
     pool_modules: tuple[str, ...] = ("vllm.entrypoints.openai.api_server",)

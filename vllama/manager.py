@@ -32,7 +32,7 @@ from vllama.lora import LoraRegistry
 from vllama.metrics import Metrics
 from vllama.model_access import StartBackoff
 from vllama.placement import Placement, default_host_budget
-from vllama.pool import WarmPool
+from vllama.pool import WarmPool, default_pool_size
 from vllama.registry import Registry
 from vllama.sizing import Sizing, size_model
 
@@ -70,7 +70,7 @@ class Manager:
         self._sizing_cache: dict[tuple[str, str, int], tuple[float, Sizing]] = {}
         # pre-imported vLLM interpreters that cold starts are handed to (vllama/pool.py)
         self.pool = WarmPool(
-            size=settings.pool_size,
+            size=settings.pool_size if settings.pool_size is not None else default_pool_size(),
             logs_dir=settings.logs_dir,
             stop_grace=settings.stop_timeout,
             device_kind=probe.kind,

@@ -1,17 +1,20 @@
 """The warm interpreter pool: spare vLLM processes that have already imported vLLM's server module (torch,
 transformers, vLLM: most of a cold start) and wait for a model. A cold start hands its command line, environment
 and log path to a spare instead of starting a fresh interpreter; the spare then becomes the model's server in
-place (`vllama/spare.py`). A new spare is made in the background, at low priority, once that start is over.
+place (`vllama/spare.py`). A new spare is made in the background at once, at low priority (or, where vllama
+cannot lower a spare's priority and raise it again, once that start is over).
 
 Spares are interchangeable when they were started by the same interpreter (with the same flags) for the same
 module, with the same environment: the *engine environment* (`PoolKey`). vllama keeps `VLLAMA_POOL_SIZE`
-spares (default 1; 0 = no pool) for each engine environment of the models in models.yaml (without `prewarm:
-false`), and for any other one once a model has started with it.
+spares (default 2 on a host with 16 GiB available, else 1; 0 = no pool) for each engine environment of the
+models in models.yaml (without `prewarm: false`), and for any other one once a model has started with it. On
+the CPU build a spare's memory counts against the models' budget by itself (free memory is never more than
+what the OS says is available).
 
 A start falls back to a plain spawn, never waiting longer than that would take, when:
 - the pool is off, or the model says `prewarm: false`;
 - its command is not `PYTHON [FLAGS] -m vllm.entrypoints.openai.api_server` (a wrapper script, `vllm serve`);
-- no spare of its engine environment is ready or importing (the pool is refilled after each start);
+- no spare of its engine environment is ready or importing (more starts at once than spares);
 - its environment differs from the spare's in a variable that is read while importing (anything outside
   `LATE_ENV`: PYTHON*, LD_PRELOAD/LD_LIBRARY_PATH, OMP_*/MKL_*/KMP_* (the OpenMP runtime reads them when torch
   loads it), HF_HOME/HF_HUB_*/TRANSFORMERS_* (read into constants at import), VLLM_LOGGING_*/VLLM_CONFIGURE_LOGGING
@@ -81,6 +84,19 @@ CUDA_INIT_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
 HANDOFF_TIMEOUT = 10.0  # a ready spare takes a model in milliseconds
 SPARE_NICE = 10  # spares import at low priority (only where the priority can be raised again at hand-off)
 MAX_FAILURES = 3  # spares of one engine environment that failed in a row before the pool gives up on it
+
+
+# spares per engine environment when VLLAMA_POOL_SIZE is unset: two, so that a second cold start right after
+# another is pooled too, on a host with room for them (a spare holds ~0.7 GB: vLLM 0.32's CPU build measured
+# 0.66 GB of RSS after its imports); one on a smaller host
+POOL_SIZE_ON_LARGE_HOST = 2
+LARGE_HOST_AVAILABLE_BYTES = 16 << 30
+
+
+def default_pool_size() -> int:
+    import psutil
+
+    return POOL_SIZE_ON_LARGE_HOST if psutil.virtual_memory().available >= LARGE_HOST_AVAILABLE_BYTES else 1
 
 
 class SpareFailed(Exception):
@@ -416,7 +432,7 @@ class WarmPool:
         """A spare that can take a model with this environment (marked taken), or None and why not."""
         spares = self.live(key)
         if not spares:
-            return None, "no spare (the pool is refilled after each start)"
+            return None, "no spare (all taken by other starts; the pool is being refilled)"
         reason = "no compatible spare"
         for spare in sorted(spares, key=lambda s: not s.is_ready):
             if not spare.is_ready:
@@ -516,7 +532,7 @@ class WarmPool:
                         self.pooled_starts += 1
                         self._started(engine, "warm pool")
                         log.info("warm pool: %s taken by spare pid %s", spec.log_path.name, spare.info.get("pid"))
-                        self._background(self._refill_after(engine))
+                        self._refill(engine)
                         return engine
         engine = await eng.spawn(spec, stop_grace=stop_grace)
         self.plain_starts += 1
@@ -524,8 +540,18 @@ class WarmPool:
         self._started(engine, f"plain spawn: {reason}")
         if key is not None:
             log.info("warm pool: plain start for %s: %s", spec.log_path.name, reason)
-            self._background(self._refill_after(engine))
+            self._refill(engine)
         return engine
+
+    def _refill(self, engine: eng.EngineProcess) -> None:
+        """Replace the spare a start took (or lacked). At once when spares import at a lower priority than starts
+        run: they take only the CPU a start leaves idle, and a start right after this one finds a spare importing
+        (it raises that spare's priority and waits for less than a fresh interpreter takes) or ready. Otherwise
+        once this start is over: imports at the same priority would slow it down."""
+        if self.nice > 0:
+            self._background(self.fill())
+        else:
+            self._background(self._refill_after(engine))
 
     async def _refill_after(self, engine: eng.EngineProcess, poll: float = 0.5, limit: float = 3600.0) -> None:
         """Refill once this start is over (its port answers, or it exited): spares importing next to a start

@@ -74,13 +74,32 @@ def test_pool_key_ignores_late_variables_only() -> None:
 
 def test_handoff_blockers() -> None:
     spare_env = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
-    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_loaded=False) == []
+    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_initialized=False) == []
     # once the spare loaded the CUDA driver, the device list it saw at cuInit is final
-    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_loaded=True) == [
+    assert handoff_blockers(spare_env, {**spare_env, "CUDA_VISIBLE_DEVICES": "1"}, cuda_initialized=True) == [
         "CUDA_VISIBLE_DEVICES"
     ]
-    assert handoff_blockers(spare_env, {**spare_env, "LD_PRELOAD": "x.so"}, cuda_loaded=False) == ["LD_PRELOAD"]
-    assert handoff_blockers(spare_env, {"PATH": "/bin"}, cuda_loaded=False) == []
+    assert handoff_blockers(spare_env, {**spare_env, "LD_PRELOAD": "x.so"}, cuda_initialized=False) == ["LD_PRELOAD"]
+    assert handoff_blockers(spare_env, {"PATH": "/bin"}, cuda_initialized=False) == []
+
+
+class FakeDriver:
+    """libcuda's cuDeviceGetCount as a ctypes library offers it: an int result code, the count through a pointer."""
+
+    def __init__(self, result: int) -> None:
+        self.result = result
+
+    def cuDeviceGetCount(self, _count: object) -> int:
+        return self.result
+
+
+def test_spare_tells_an_initialised_cuda_driver_from_a_loaded_one() -> None:
+    # CUDA_ERROR_NOT_INITIALIZED: loaded (vLLM's ops link libcuda) but cuInit never ran: the devices can change
+    assert spare.driver_uninitialised(FakeDriver(spare.CUDA_ERROR_NOT_INITIALIZED))
+    assert not spare.driver_uninitialised(FakeDriver(0))  # CUDA_SUCCESS: cuInit ran
+    assert not spare.driver_uninitialised(FakeDriver(100))  # any other answer: assume the worst
+    assert not spare.driver_uninitialised(object())  # not a driver at all
+    assert spare._cuda_initialized() is False  # this machine: no libcuda mapped
 
 
 def test_cpu_list_from_vllms_openmp_variables() -> None:

@@ -19,8 +19,11 @@ A start falls back to a plain spawn, never waiting longer than that would take, 
   `LATE_ENV`: PYTHON*, LD_PRELOAD/LD_LIBRARY_PATH, OMP_*/MKL_*/KMP_* (the OpenMP runtime reads them when torch
   loads it), HF_HOME/HF_HUB_*/TRANSFORMERS_* (read into constants at import), VLLM_LOGGING_*/VLLM_CONFIGURE_LOGGING
   (vLLM's logger is set up at import), TORCH_*...): such a model gets spares of its own environment;
-- it needs other devices than the spare's CUDA_VISIBLE_DEVICES and the spare has loaded the CUDA driver while
-  importing (after cuInit the variable no longer counts; each spare reports it: `cuda_driver_loaded` in info);
+- it needs other devices than the spare's CUDA_VISIBLE_DEVICES and the spare has initialised the CUDA driver
+  while importing (after cuInit the variable no longer counts; each spare reports it: `cuda_initialized` in
+  info). Importing vLLM maps libcuda (its compiled ops link it); only a cuInit makes the spare keep its devices.
+  A spare whose driver is not initialised takes a model for any device set, a tensor-parallel one too (its
+  workers are forked or spawned after the hand-off, with the model's CUDA_VISIBLE_DEVICES);
 - the spare died, or did not take the model within `HANDOFF_TIMEOUT` (it is killed).
 
 Fork (`VLLAMA_POOL_FORK`, default on): a pooled start also sets VLLM_WORKER_MULTIPROC_METHOD=fork (unless the
@@ -147,10 +150,10 @@ def pool_key(prefix: Iterable[str], env: dict[str, str], modules: Iterable[str] 
     return PoolKey(interpreter=split[0], module=split[1], env=import_env(env))
 
 
-def handoff_blockers(spare_env: dict[str, str], model_env: dict[str, str], *, cuda_loaded: bool) -> list[str]:
+def handoff_blockers(spare_env: dict[str, str], model_env: dict[str, str], *, cuda_initialized: bool) -> list[str]:
     """Variables that differ between a spare's environment and a model's and cannot change after the spare's
     imports: if any, the spare cannot take the model."""
-    late = LATE_ENV - CUDA_INIT_ENV if cuda_loaded else LATE_ENV
+    late = LATE_ENV - CUDA_INIT_ENV if cuda_initialized else LATE_ENV
     names = set(spare_env) | set(model_env)
     return sorted(n for n in names if n not in late and spare_env.get(n) != model_env.get(n))
 
@@ -437,7 +440,7 @@ class WarmPool:
         for spare in sorted(spares, key=lambda s: not s.is_ready):
             if not spare.is_ready:
                 # still importing: it is ahead of a fresh interpreter; raise its priority and wait for it
-                if handoff_blockers(spare.env, env, cuda_loaded=False):
+                if handoff_blockers(spare.env, env, cuda_initialized=False):
                     continue
                 spare.taken = True
                 if self.nice:
@@ -455,7 +458,8 @@ class WarmPool:
                     if spare not in self._spares.setdefault(spare.key, []):
                         self._spares[spare.key].append(spare)
                     raise
-            blockers = handoff_blockers(spare.env, env, cuda_loaded=bool(spare.info.get("cuda_loaded", True)))
+            initialized = bool(spare.info.get("cuda_initialized", True))
+            blockers = handoff_blockers(spare.env, env, cuda_initialized=initialized)
             if blockers:
                 spare.taken = False
                 reason = f"the spare's environment differs in {', '.join(blockers)} (read before the hand-off)"
@@ -598,7 +602,7 @@ class WarmPool:
                         "command": key.describe(),
                         "age_seconds": round(now - s.created, 1),
                         "import_seconds": s.info.get("import_seconds"),
-                        "cuda_driver_loaded": s.info.get("cuda_loaded"),
+                        "cuda_initialized": s.info.get("cuda_initialized"),
                     }
                 )
         return {

@@ -9,8 +9,8 @@ so it imports nothing of vllama and sticks to the standard library. It is starte
 own process group, like any vLLM child. Protocol, one JSON object per line:
 
   fd 0, vllama → spare:  {"argv": [...], "env": {...}, "log": PATH, "fork": bool, "cpu_fork": bool}
-  fd 1, spare → vllama:  {"event": "ready", "pid", "import_seconds", "cuda_loaded", "modules"} when the imports
-                         are done; {"event": "failed", "error"} if they failed (then it exits 1);
+  fd 1, spare → vllama:  {"event": "ready", "pid", "import_seconds", "cuda_initialized", "modules"} when the
+                         imports are done; {"event": "failed", "error"} if they failed (then it exits 1);
                          {"event": "started"} once it has taken the model: it then closes both pipes, sends its
                          output to the model's log and runs the server in this very process.
   EOF on fd 0 while waiting: exit 0.
@@ -57,13 +57,41 @@ def _set_priority(nice: int, *, pid: str = "self") -> None:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
-def _cuda_driver_loaded() -> bool:
-    """Whether libcuda is mapped: once it is (cuInit ran), CUDA_VISIBLE_DEVICES can no longer be changed."""
+CUDA_ERROR_NOT_INITIALIZED = 3  # what a CUDA driver call answers before cuInit
+
+
+def _cuda_initialized() -> bool:
+    """Whether the CUDA driver has been initialised in this process (cuInit ran): it has then read
+    CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, and setting them at hand-off would change nothing. The driver
+    being loaded is not enough: vLLM's compiled ops link it (vLLM 0.26's `_C_stable_libtorch.abi3.so` and
+    `cumem_allocator.abi3.so` list libcuda.so.1 as NEEDED), so importing vLLM maps libcuda without initialising
+    it; what tells is whether a driver call still answers CUDA_ERROR_NOT_INITIALIZED."""
     try:
         with open("/proc/self/maps") as maps:
-            return any("libcuda.so" in line for line in maps)
+            if not any("libcuda.so" in line for line in maps):
+                return False
     except OSError:
         return True  # cannot tell: assume the worst
+    try:
+        import ctypes
+
+        driver = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the copy already mapped
+    except OSError:
+        return True
+    return not driver_uninitialised(driver)
+
+
+def driver_uninitialised(driver: object) -> bool:
+    """Whether the CUDA driver `driver` (a ctypes library) still answers CUDA_ERROR_NOT_INITIALIZED: a call that
+    needs no context, which neither initialises the driver nor touches a GPU."""
+    import ctypes
+
+    count = ctypes.c_int(0)
+    try:
+        result = driver.cuDeviceGetCount(ctypes.byref(count))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return False
+    return int(result) == CUDA_ERROR_NOT_INITIALIZED
 
 
 def _keep_fork_on_cpu() -> None:
@@ -167,7 +195,7 @@ def main() -> int:
             "event": "ready",
             "pid": os.getpid(),
             "import_seconds": round(import_seconds, 3),
-            "cuda_loaded": _cuda_driver_loaded(),
+            "cuda_initialized": _cuda_initialized(),
             "modules": len(sys.modules),
         },
     )

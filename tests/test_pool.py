@@ -247,6 +247,42 @@ async def test_failing_imports_give_up_and_fall_back(tmp_path: Path) -> None:
         await pool.close()
 
 
+@pytest.mark.parametrize("cuda_initialized", [False, True])
+async def test_a_spare_takes_a_model_on_other_devices_unless_cuda_is_initialised(
+    tmp_path: Path, cuda_initialized: bool
+) -> None:
+    """Spares are made with the first devices' CUDA_VISIBLE_DEVICES. A model on another device set (GPU 1, a
+    tensor-parallel pair) gets its own in the spare, which its server and workers inherit, as long as the spare's
+    imports did not initialise CUDA (on the H100 with vLLM 0.26 they do not: `bench/results/
+    2026-11-27-h100-warm-start`); a spare that reports cuInit keeps its devices, and the start is a plain spawn."""
+    (tmp_path / "devmod.py").write_text(
+        "import os\nif __name__ == '__main__':\n    print('devices', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+    )
+    pool = WarmPool(size=1, logs_dir=tmp_path / "logs", stop_grace=3, device_kind="cuda", modules=["devmod"])
+    try:
+        cmd = [PY, "-m", "devmod"]
+        base = launch(tmp_path)
+        spare_env = {**base.env, "PYTHONPATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "GPU-aaaa"}
+        pool.want(cmd, spare_env)
+        await pool.fill()
+        await wait_ready_spare(pool)
+        if cuda_initialized:
+            for spare_ in pool.live(next(iter(pool._wanted))):
+                spare_.info["cuda_initialized"] = True  # as a spare whose imports ran cuInit reports it
+        pair = {**spare_env, "CUDA_VISIBLE_DEVICES": "GPU-bbbb,GPU-cccc"}
+        spec = eng.LaunchSpec(argv=[*cmd, "--model", "x"], env=pair, port=base.port, log_path=base.log_path)
+        engine = await pool.spawn(spec, prefix=cmd, stop_grace=3)
+        assert await asyncio.wait_for(engine.process.wait(), 30) == 0
+        assert "devices GPU-bbbb,GPU-cccc" in spec.log_path.read_text()
+        how = str(pool.how_started(engine))
+        if cuda_initialized:
+            assert how.startswith("plain spawn") and "differs in CUDA_VISIBLE_DEVICES" in how, how
+        else:
+            assert how == "warm pool", how
+    finally:
+        await pool.close()
+
+
 async def test_a_start_waits_for_a_spare_still_importing(pool: WarmPool, tmp_path: Path) -> None:
     """A spare that is still importing is ahead of a fresh interpreter: the start takes it (at full priority)
     rather than spawning another. The module's `__main__` gets the model's argv and its exit code comes back."""

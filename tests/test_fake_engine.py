@@ -227,7 +227,11 @@ async def test_stream_pacing_and_disconnect(engine: Engine, client: httpx.AsyncC
     req = chat(max_tokens=1000, stream=True, fake_token_rate=1)
     async with client.stream("POST", "/v1/chat/completions", json=req) as r:
         events = []
-        async for line in r.aiter_lines():
+        # keep the iterator: a `break` out of `async for line in r.aiter_lines()` drops the last reference to the
+        # generator, whose finalizer (asyncio's asyncgen hook) then closes it, and httpcore closes the connection
+        # under it: the engine saw the client go away before the stats below were read (a flake under load)
+        lines = r.aiter_lines()
+        async for line in lines:
             if line.startswith("data: "):
                 events.append(json.loads(line.removeprefix("data: ")))
             if len(events) == 2:  # the role chunk and the first token

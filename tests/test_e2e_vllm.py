@@ -122,14 +122,16 @@ def test_chat_through_openai_client_sync_async_and_streaming(daemon: Daemon) -> 
     cmdline = server.cmdline()
     assert "vllm.entrypoints.openai.api_server" in cmdline
     # the child serves on its Unix socket in vllama's 0700 socket folder (its sleep/RPC endpoints are
-    # unauthenticated), and neither it nor anything it spawned (EngineCore, worker) has a TCP or UDP socket
+    # unauthenticated): the API server has no TCP or UDP socket; what else of its group listens on TCP (PyTorch
+    # gloo's listeners in the CPU worker: no vLLM API behind them) is on loopback only
     assert cmdline[cmdline.index("--uds") + 1] == row["socket"] and "--port" not in cmdline, cmdline
     socket_dir = Path(str(row["socket"])).parent
     assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    inet, unix = listening([server.pid])
+    assert inet == set() and row["socket"] in unix, (inet, unix)
     group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == os.getpgid(server.pid)]
-    inet, unix = listening(group)
-    assert inet == set(), inet
-    assert row["socket"] in unix, unix
+    inet, _ = listening(group)
+    assert {address.rpartition(":")[0] for address in inet} <= {"127.0.0.1"}, inet
     assert Path(str(row["log"])).is_file() and Path(str(row["log"])).parent == daemon.home / "logs"
 
 

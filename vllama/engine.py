@@ -206,8 +206,6 @@ def build_launch(
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # enables /v1/load_lora_adapter and /v1/unload_lora_adapter
     if device_kind == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if uds is not None:  # vLLM's own ZMQ IPC sockets (server ↔ EngineCore) in the private folder, not in /tmp
-        env.setdefault("VLLM_RPC_BASE_PATH", str(uds.parent))
     # `<model>_<port>.log`, or `<model>_<n>.log` after the socket `<model>-<n>.sock` (`pick_socket`)
     where = uds.stem.rpartition("-")[2] if uds is not None else str(port)
     log_path = logs_dir / f"{safe_file_name(name)}_{where}.log"

@@ -73,7 +73,6 @@ LATE_ENV = frozenset(
         "NCCL_NVLS_ENABLE",  # read by NCCL when a communicator is made
         "VLLM_CPU_KVCACHE_SPACE",  # read by vLLM's CPU platform when it checks the config
         "VLLM_WORKER_MULTIPROC_METHOD",  # read when the EngineCore/workers are started
-        "VLLM_RPC_BASE_PATH",  # read when the server makes its sockets to the EngineCore
         "PYTHONUNBUFFERED",  # the spare re-applies it to its streams
     }
 )

@@ -5,9 +5,11 @@
     python bench/proxy.py --real                   # real vLLM (CPU build, tiny model) at concurrency 1 and 8
     python bench/proxy.py --profile OUT.txt        # py-spy profile of vllama at the unpaced ceiling (c=64)
     python bench/proxy.py --out bench/results/proxy-DATE   # also write result.json and result.md there
+    python bench/proxy.py --quick --compare transport:tcp,transport:uds   # the children on ports vs Unix sockets
 
 The upstream is started by vllama itself from a models.yaml entry (the fake engine, `vllm_command`, or real vLLM);
-the direct load goes to that same process on its own port, so both paths hit the same server. The load comes from
+the direct load goes to that same process at its own address (its Unix socket, or its port with
+VLLAMA_CHILD_TRANSPORT=tcp), so both paths hit the same server. The load comes from
 a separate load-generator process (aiohttp on uvloop, one connection per concurrent client, connections warmed
 before each measured phase). Each scenario runs direct, via, then via, direct (two rounds, order swapped in the
 second) and the table reports the pooled samples.
@@ -86,7 +88,10 @@ async def _phase(spec: dict[str, Any]) -> None:
     body = json.dumps(spec["body"]).encode()
     warm_body = json.dumps({**spec["body"], "max_tokens": 1, "fake_token_rate": 0}).encode()
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    if spec.get("uds"):  # straight to a child on its Unix socket
+        connector: Any = aiohttp.UnixConnector(path=spec["uds"], limit=0, force_close=False)
+    else:
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # open (and keep) one connection per client, to this target, before measuring
@@ -214,7 +219,9 @@ class Bench:
         r.raise_for_status()
         rows = self.httpx.get(f"{self.url}/vllama/ps", timeout=30).json()["models"]
         row = next(r for r in rows if r["model"] == self.model)
-        self.upstream = f"http://127.0.0.1:{row['port']}"
+        # a child on a Unix socket is reached at any host name over that socket
+        self.upstream_uds = row.get("socket")
+        self.upstream = "http://child" if self.upstream_uds else f"http://127.0.0.1:{row['port']}"
         self.daemon_ps = self.psutil.Process(self.daemon.pid)
         if self.args.daemon_nice is not None:  # a diagnosis of CPU contention (vLLM's children keep theirs)
             os.setpriority(os.PRIO_PROCESS, self.daemon.pid, self.args.daemon_nice)
@@ -272,7 +279,8 @@ class Bench:
     def phase(self, target: str, spec: dict[str, Any], profile: Path | None = None) -> dict[str, Any]:
         assert self.loadgen and self.loadgen.stdin and self.loadgen.stdout
         url = (self.url if target == "via" else self.upstream) + "/v1/chat/completions"
-        self.loadgen.stdin.write(json.dumps({**spec, "url": url}) + "\n")
+        uds = self.upstream_uds if target == "direct" else None
+        self.loadgen.stdin.write(json.dumps({**spec, "url": url, "uds": uds}) + "\n")
         self.loadgen.stdin.flush()
         ready = json.loads(self.loadgen.stdout.readline())
         assert ready.get("ready"), ready
@@ -464,7 +472,8 @@ def run(args: argparse.Namespace, concs: list[int], info: dict[str, Any]) -> lis
     bench = Bench(args)
     try:
         bench.start()
-        print(f"vllama {bench.url}, upstream {bench.upstream}, load {os.getloadavg()}", flush=True)
+        where = bench.upstream_uds or bench.upstream
+        print(f"vllama {bench.url}, upstream {where}, load {os.getloadavg()}", flush=True)
         if args.profile:  # the first mode and concurrency given (default: max at 64)
             mode, c = args.modes.split(",")[0], int(args.concurrency or 64)
             spec = specs(args, bench.model, mode, c)
@@ -513,14 +522,15 @@ def fmt_cpu(row: dict[str, Any]) -> str:
 
 
 COMPARE_HEADER = (
-    "| scenario | variant | vllama CPU ms/request | vllama CPU s/1k chunks | chunks/s via/direct "
-    "| added TTFT p50 ms | TTFT p99 via/direct | load |\n|---|---|---|---|---|---|---|---|"
+    "| scenario | variant | vllama CPU ms/request | vllama CPU s/1k chunks | chunks/s via | chunks/s via/direct "
+    "| TTFT p50 ms via | added TTFT p50 ms | TTFT p99 via/direct | load |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def compare(args: argparse.Namespace, concs: list[int], info: dict[str, Any]) -> list[str]:
-    """Each variant (an upstream client name, or src:PATH for another checkout) in turn, `--rounds` times,
-    one direct/via alternation per scenario each time; medians over the rounds."""
+    """Each variant (an upstream client name, src:PATH for another checkout, or transport:uds|tcp for where the
+    children listen) in turn, `--rounds` times, one direct/via alternation per scenario each time; medians over
+    the rounds."""
     variants = args.compare.split(",")
     rounds, args.rounds = args.rounds, 1
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -530,6 +540,8 @@ def compare(args: argparse.Namespace, concs: list[int], info: dict[str, Any]) ->
             sub.env = list(args.env or [])
             if variant.startswith("src:"):
                 sub.vllama_src = Path(variant[4:])
+            elif variant.startswith("transport:"):
+                sub.env.append(f"VLLAMA_CHILD_TRANSPORT={variant.partition(':')[2]}")
             else:
                 sub.env.append(f"VLLAMA_PROXY_CLIENT={variant}")
             load = os.getloadavg()[0]
@@ -544,7 +556,8 @@ def compare(args: argparse.Namespace, concs: list[int], info: dict[str, Any]) ->
 
         lines.append(
             f"| {scenario} | {variant} | {med(lambda r: r['via']['vllama_cpu_ms_per_request']):.3f} "
-            f"| {med(lambda r: r['via']['vllama_cpu_s_per_1k']):.4f} | {med(lambda r: r['ratio']['chunks_s']):.3f} "
+            f"| {med(lambda r: r['via']['vllama_cpu_s_per_1k']):.4f} | {med(lambda r: r['via']['chunks_s']):.0f} "
+            f"| {med(lambda r: r['ratio']['chunks_s']):.3f} | {med(lambda r: r['via']['ttft_p50_ms']):.2f} "
             f"| {med(lambda r: r['added_ttft_p50_ms']):.2f} | {med(lambda r: r['ratio']['ttft_p99_ms']):.2f} "
             f"| {med(lambda r: r['load']):.1f} |"
         )
@@ -571,7 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write result.json and result.md into this folder")
     p.add_argument("--vllama-src", type=Path, help="run the daemon from this checkout (e.g. an older relay)")
     p.add_argument("--daemon-nice", type=int, help="renice the daemon (only it) once the model runs (root: < 0)")
-    p.add_argument("--compare", help="variants to compare, in turn: upstream clients (raw,aiohttp,httpx) or src:PATH")
+    p.add_argument(
+        "--compare",
+        help="variants to compare, in turn: upstream clients (raw,aiohttp,httpx), src:PATH, transport:uds|tcp",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.paced_duration, args.max_duration, args.rounds, args.real_duration = 1.5, 1.0, 1, 3.0

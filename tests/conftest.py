@@ -122,6 +122,14 @@ def wait_until_gone(groups: set[int], timeout: float = 30.0) -> list[int]:
     return alive
 
 
+def engine_client(row: dict[str, Any], timeout: float = 60.0) -> httpx.Client:
+    """A client straight to the child of a `vllama ps` row (past vllama): over its Unix socket, or its port."""
+    if row.get("socket"):
+        transport = httpx.HTTPTransport(uds=row["socket"])
+        return httpx.Client(transport=transport, base_url="http://child", timeout=timeout)
+    return httpx.Client(base_url=f"http://127.0.0.1:{row['port']}", timeout=timeout)
+
+
 def base_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLAMA_", "FAKE_ENGINE_"))}
     lo, hi = free_port_range()

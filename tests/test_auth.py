@@ -151,7 +151,7 @@ def test_daemon_openai_routes_need_the_key(daemon: Daemon) -> None:
         rows = c.get("/vllama/ps", headers=bearer(ADMIN)).json()["models"]
         (row,) = [m for m in rows if m["model"] == "A"]
         # vLLM never sees the key, in a header or in its environment
-        assert engine_stats(row["port"])["credentials_seen"] == 0
+        assert engine_stats(row)["credentials_seen"] == 0
         child_env = psutil.Process(row["pid"]).environ()
         assert "VLLAMA_API_KEY" not in child_env and "VLLAMA_ADMIN_API_KEY" not in child_env
         assert USER not in json.dumps(child_env) and ADMIN not in json.dumps(child_env)

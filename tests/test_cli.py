@@ -66,7 +66,7 @@ def test_info_and_ps(fake_daemon: Daemon) -> None:
     assert len(lines) == 3, lines
     header, rows = lines[0], lines[1:]
     columns = [(m.start(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", header)]
-    assert [name for _, name in columns][:4] == ["MODEL", "STATE", "PORT", "PID"]
+    assert [name for _, name in columns][:4] == ["MODEL", "STATE", "ADDRESS", "PID"]
     assert "LAST ACCESS" in [name for _, name in columns]
     # aligned: every cell starts exactly where its column's header starts
     for row in rows:
@@ -77,7 +77,8 @@ def test_info_and_ps(fake_daemon: Daemon) -> None:
     assert by_model["A"].split()[1] == "running"
 
     data = ps_json(fake_daemon)
-    assert data["A"]["state"] == "running" and data["A"]["port"] and data["A"]["pid"]
+    assert data["A"]["state"] == "running" and data["A"]["socket"] and data["A"]["pid"]
+    assert data["A"]["port"] is None  # children listen on Unix sockets, not ports
     assert data["B"]["devices"] == [0]
 
     # a models.yaml broken while the daemon runs: info says so, the last good configuration stays in use
@@ -94,7 +95,7 @@ def test_start_sleep_wake_stop_logs(fake_daemon: Daemon) -> None:
 
     out = ok(fake_daemon, "start", "A")
     log = assert_log_path(fake_daemon, out, "A")
-    assert out.rstrip().splitlines()[-1].startswith("A is running on port")
+    assert out.rstrip().splitlines()[-1].startswith("A is running on socket ")
     assert ps_json(fake_daemon)["A"]["state"] == "running"
 
     logs = ok(fake_daemon, "logs", "A", "-n", "5").rstrip("\n").splitlines()

@@ -117,7 +117,7 @@ def test_start_shows_the_stages_in_a_pipe(daemon: Daemon) -> None:
         "API server up",
     ], out
     assert any("Loading weights took" in line for line in lines)
-    assert lines[-1].startswith("A is running on port")
+    assert lines[-1].startswith("A is running on socket ")
 
 
 def test_start_on_a_terminal_shows_a_progress_line(daemon: Daemon) -> None:
@@ -145,7 +145,7 @@ def test_start_on_a_terminal_shows_a_progress_line(daemon: Daemon) -> None:
     text = output.decode()
     assert "✓ weights loaded" in text and "✓ API server up" in text
     assert "\r" in text and ("⠋" in text or "█" in text or "░" in text)  # the progress line, redrawn in place
-    assert text.rstrip().splitlines()[-1].strip().startswith("B is running on port")
+    assert text.rstrip().splitlines()[-1].strip().startswith("B is running on socket ")
 
 
 def sigint_ignored() -> None:

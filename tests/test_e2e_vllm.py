@@ -13,6 +13,7 @@ import concurrent.futures
 import math
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,15 +76,17 @@ def ps(daemon: Daemon) -> dict[str, dict[str, object]]:
     return {r["model"]: r for r in rows}
 
 
-def listening_addresses(pids: list[int]) -> set[str]:
-    out = set()
+def listening(pids: list[int]) -> tuple[set[str], set[str]]:
+    """(addresses of the TCP/UDP sockets the processes listen on or have bound, paths of their Unix sockets)."""
+    inet, unix = set(), set()
     for pid in pids:
         try:
-            conns = psutil.Process(pid).net_connections(kind="inet")
+            proc = psutil.Process(pid)
+            inet |= {f"{c.laddr.ip}:{c.laddr.port}" for c in proc.net_connections(kind="inet") if not c.raddr}
+            unix |= {c.laddr for c in proc.net_connections(kind="unix") if c.laddr}
         except psutil.Error:
             continue
-        out |= {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
-    return out
+    return inet, unix
 
 
 def test_chat_through_openai_client_sync_async_and_streaming(daemon: Daemon) -> None:
@@ -118,10 +121,17 @@ def test_chat_through_openai_client_sync_async_and_streaming(daemon: Daemon) -> 
     server = psutil.Process(int(row["pid"]))  # type: ignore[call-overload]
     cmdline = server.cmdline()
     assert "vllm.entrypoints.openai.api_server" in cmdline
-    assert cmdline[cmdline.index("--host") + 1] == "127.0.0.1"
-    # the child (and everything it spawned) listens on loopback only: its sleep/RPC endpoints are unauthenticated
+    # the child serves on its Unix socket in vllama's 0700 socket folder (its sleep/RPC endpoints are
+    # unauthenticated): the API server has no TCP or UDP socket; what else of its group listens on TCP (PyTorch
+    # gloo's listeners in the CPU worker: no vLLM API behind them) is on loopback only
+    assert cmdline[cmdline.index("--uds") + 1] == row["socket"] and "--port" not in cmdline, cmdline
+    socket_dir = Path(str(row["socket"])).parent
+    assert stat.S_IMODE(socket_dir.stat().st_mode) == 0o700
+    inet, unix = listening([server.pid])
+    assert inet == set() and row["socket"] in unix, (inet, unix)
     group = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == os.getpgid(server.pid)]
-    assert listening_addresses(group) == {"127.0.0.1"}
+    inet, _ = listening(group)
+    assert {address.rpartition(":")[0] for address in inet} <= {"127.0.0.1"}, inet
     assert Path(str(row["log"])).is_file() and Path(str(row["log"])).parent == daemon.home / "logs"
 
 

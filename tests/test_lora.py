@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, engine_client
 from vllama import engine as eng
 from vllama.config import ModelConfig
 from vllama.lora import SlotPlan, plan_slots
@@ -137,7 +137,8 @@ def completion(c: httpx.Client, model: str, text: str = "hello there", **extra: 
 
 def fake_stats(daemon: Daemon, model: str) -> dict[str, Any]:
     row = next(r for r in httpx.get(f"{daemon.url}/vllama/ps").json()["models"] if r["model"] == model)
-    stats: dict[str, Any] = httpx.get(f"http://127.0.0.1:{row['port']}/fake/stats").json()
+    with engine_client(row) as child:
+        stats: dict[str, Any] = child.get("/fake/stats").json()
     return stats
 
 

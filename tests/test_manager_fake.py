@@ -28,7 +28,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import Daemon, processes_in_groups, wait_until_gone
+from tests.conftest import Daemon, engine_client, processes_in_groups, wait_until_gone
 from vllama.gpu import GIB, read_ledger
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -118,8 +118,10 @@ def wait_spawned(c: httpx.Client, model: str, timeout: float = 30.0) -> dict[str
     return dict(wait_for(check, timeout, what=f"{model} starting with a pid"))
 
 
-def engine_stats(port: int) -> dict[str, Any]:
-    return dict(httpx.get(f"http://127.0.0.1:{port}/fake/stats", timeout=5).json())
+def engine_stats(row: dict[str, Any]) -> dict[str, Any]:
+    """The fake engine's counters, asked past vllama (`row`: the model's `ps` row)."""
+    with engine_client(row, timeout=5) as c:
+        return dict(c.get("/fake/stats").json())
 
 
 def ledger(daemon: Daemon) -> dict[int, dict[int, int]]:
@@ -249,7 +251,7 @@ def test_spec_scenario_lru_sleeps_then_wakes_with_reload(fake_daemon: Daemon) ->
         assert held_by(fake_daemon, s["B"]["pid"]) == {0: 4 * GIB}
         assert held_by(fake_daemon, s["C"]["pid"]) == {0: 4 * GIB}
         assert held_by(fake_daemon, s["A"]["pid"]) == {}
-        assert engine_stats(s["A"]["port"]).items() >= {"sleeping": True, "level": 2}.items()
+        assert engine_stats(s["A"]).items() >= {"sleeping": True, "level": 2}.items()
         i = info(c)
         (dev,) = i["devices"]
         assert dev["total_bytes"] == 8 * GIB and dev["free_bytes"] == 0
@@ -270,7 +272,7 @@ def test_spec_scenario_lru_sleeps_then_wakes_with_reload(fake_daemon: Daemon) ->
         assert s["A"]["pid"] == a_pid, "A was woken, not restarted"
         assert held_by(fake_daemon, a_pid) == {0: 4 * GIB}
         assert held_by(fake_daemon, s["B"]["pid"]) == {}
-        assert engine_stats(s["A"]["port"]).items() >= {"sleeping": False, "broken": False}.items()
+        assert engine_stats(s["A"]).items() >= {"sleeping": False, "broken": False}.items()
         assert info(c)["evictions"] == 2
         assert all(m["in_flight"] == 0 for m in s.values())
 
@@ -326,7 +328,7 @@ async def test_concurrent_first_requests_start_one_engine(fake_daemon: Daemon) -
     with fake_daemon.client() as c:
         m = ps(c)["solo"]
         assert m["state"] == "running" and m["in_flight"] == 0
-        assert engine_stats(m["port"])["served"] >= n
+        assert engine_stats(m)["served"] >= n
     assert len(ledger(fake_daemon)) == 1
 
 
@@ -431,7 +433,7 @@ def test_sleep_waits_for_in_flight_stream(fake_daemon: Daemon) -> None:
         assert m["in_flight"] == 1
         assert not sleep.done(), "sleep returned while a stream was still in flight"
         assert not stream.future.done()
-        assert engine_stats(m["port"]).items() >= {"in_flight": 1, "sleeping": False}.items()
+        assert engine_stats(m).items() >= {"in_flight": 1, "sleeping": False}.items()
         hold.open()
         text = stream.result()
         assert text == expected_stream_text("a slow story", 15)
@@ -440,7 +442,7 @@ def test_sleep_waits_for_in_flight_stream(fake_daemon: Daemon) -> None:
         assert r.json()["state"] == "sleeping" and r.json()["sleep_level"] == 1
         m = ps(c)["A"]
         assert (m["state"], m["sleep_level"], m["in_flight"]) == ("sleeping", 1, 0)
-        stats = engine_stats(m["port"])
+        stats = engine_stats(m)
         assert stats["sleeping"] and stats["level"] == 1 and not stats["broken"]
         assert stats["cancelled"] == 0
 
@@ -469,7 +471,7 @@ def test_request_during_sleep_waits_then_wakes(fake_daemon: Daemon) -> None:
         assert_echo(request.result(30), "are you awake")  # a level-2 wake without the reload would answer ""
         m = ps(c)["A"]
         assert (m["state"], m["pid"], m["in_flight"]) == ("running", pid, 0)
-        assert engine_stats(m["port"])["sleeping"] is False
+        assert engine_stats(m)["sleeping"] is False
 
 
 # --- 7. busy models are never evicted --------------------------------------------------------------------------
@@ -608,9 +610,9 @@ async def test_thrash_trace_never_fails(fake_daemon: Daemon) -> None:
         assert all(m["state"] in ("running", "sleeping", "stopped") for m in s.values()), s
         assert info(c)["evictions"] >= 5
         for m in s.values():
-            if m["port"]:
-                assert engine_stats(m["port"])["in_flight"] == 0
-                assert not engine_stats(m["port"])["broken"]
+            if m["port"] or m["socket"]:
+                assert engine_stats(m)["in_flight"] == 0
+                assert not engine_stats(m)["broken"]
     used = sum(sum(per.values()) for per in ledger(fake_daemon).values())
     assert used <= 8 * GIB
 
@@ -663,8 +665,8 @@ def test_client_disconnect_cancels_upstream(fake_daemon: Daemon) -> None:
     fake_daemon.start()
     with fake_daemon.client() as c:
         assert_echo(chat(c, "A", "warm"), "warm")
-        port = ps(c)["A"]["port"]
-        before = engine_stats(port)
+        row = ps(c)["A"]
+        before = engine_stats(row)
         assert before["cancelled"] == 0
         with httpx.Client(base_url=fake_daemon.url, timeout=30) as gone:
             got = []
@@ -673,20 +675,20 @@ def test_client_disconnect_cancels_upstream(fake_daemon: Daemon) -> None:
                 if len(got) == 3:
                     break  # closes the response mid-stream
         # cancelled, not run to its end (20 s away): 30 s is only a hang detector
-        wait_for(lambda: engine_stats(port)["cancelled"] == 1, 30, what="upstream cancel")
+        wait_for(lambda: engine_stats(row)["cancelled"] == 1, 30, what="upstream cancel")
         wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 30, what="vllama in_flight back to 0")
-        assert engine_stats(port)["in_flight"] == 0
-        assert engine_stats(port)["served"] == before["served"], "the abandoned stream was generated to its end"
+        assert engine_stats(row)["in_flight"] == 0
+        assert engine_stats(row)["served"] == before["served"], "the abandoned stream was generated to its end"
 
         # a non-streamed answer sends nothing until it is complete: a client that gives up before then must
         # cancel it too (not leave it generating, and counted in flight, for nobody)
         with pytest.raises(httpx.ReadTimeout):
             body = chat_body("A", "too slow", fake_token_rate=5, max_tokens=100)
             httpx.post(f"{fake_daemon.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.7))
-        wait_for(lambda: engine_stats(port)["cancelled"] == 2, 30, what="upstream cancel (non-streamed)")
+        wait_for(lambda: engine_stats(row)["cancelled"] == 2, 30, what="upstream cancel (non-streamed)")
         wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 30, what="vllama in_flight back to 0")
-        assert engine_stats(port)["in_flight"] == 0
-        assert engine_stats(port)["served"] == before["served"], "the abandoned answer was generated to its end"
+        assert engine_stats(row)["in_flight"] == 0
+        assert engine_stats(row)["served"] == before["served"], "the abandoned answer was generated to its end"
         assert_echo(chat(c, "A", "still serving"), "still serving")
 
 
@@ -851,7 +853,7 @@ def test_bad_input_and_vllm_only_paths(fake_daemon: Daemon) -> None:
         assert not list((fake_daemon.home / "logs").glob("*.log"))
 
         assert_echo(chat(c, "A", "hi"), "hi")
-        port = ps(c)["A"]["port"]
+        row = ps(c)["A"]
         for method, path in [
             ("POST", "/sleep?level=1"),
             ("POST", "/sleep"),
@@ -864,7 +866,7 @@ def test_bad_input_and_vllm_only_paths(fake_daemon: Daemon) -> None:
             r = c.request(method, path, json={"model": "A", "method": "reload_weights"})
             assert r.status_code in (404, 405), (path, r.status_code, r.text)
             assert "error" in r.json()
-        stats = engine_stats(port)
+        stats = engine_stats(row)
         assert not stats["sleeping"] and stats["level"] == 0
         assert states(c)["A"] == ("running", None)
         assert_echo(chat(c, "A", "still awake"), "still awake")

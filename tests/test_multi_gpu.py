@@ -18,7 +18,7 @@ from vllama.gpu import GIB, fake_uuid
 def engine_env(daemon: Daemon, model: str) -> tuple[str, str]:
     """(CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER) the running `model`'s engine was started with."""
     with daemon.client() as c:
-        stats = engine_stats(ps(c)[model]["port"])
+        stats = engine_stats(ps(c)[model])
     return stats["cuda_visible_devices"], stats["cuda_device_order"]
 
 

@@ -16,7 +16,7 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, engine_client
 from tests.ecosystem import GIB, ps_rows, running_daemon, wait_for
 from vllama.api import ollama as ol
 from vllama.errors import UpstreamError
@@ -349,8 +349,8 @@ def test_client_leaving_mid_stream_aborts_and_releases(daemon: Daemon) -> None:
         assert json.loads(next(lines))["done"] is False
         assert json.loads(next(lines))["done"] is False
     wait_for(lambda: ps_rows(daemon)["slow"]["in_flight"] == 0, timeout=5)
-    port = ps_rows(daemon)["slow"]["port"]
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/fake/stats").json()["cancelled"] == 1, timeout=5)
+    with engine_client(ps_rows(daemon)["slow"]) as child:
+        wait_for(lambda: child.get("/fake/stats").json()["cancelled"] == 1, timeout=5)
 
 
 # --- translation, unit-level ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ module" (imports, hand-off, log redirection, guard, stop, refill), the fallbacks
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 import httpx
 import psutil
 import pytest
@@ -119,7 +119,7 @@ def launch(tmp: Path, *, env: dict[str, str] | None = None, name: str = "m") -> 
         name=name,
         cfg=cfg,
         vllm_command=FAKE_CMD,
-        port=eng.pick_port((39000, 39999), []),
+        uds=eng.pick_socket(tmp, name, []),  # the hand-off works as any child: on a Unix socket
         devices=(0,),
         device_kind="cuda",
         gpu_memory_utilization=0.5,
@@ -164,7 +164,7 @@ async def test_spare_takes_a_model_and_stops_cleanly(pool: WarmPool, tmp_path: P
     spare_info = await wait_ready_spare(pool)
     engine = await pool.spawn(spec, prefix=FAKE_CMD, stop_grace=3)
     assert pool.how_started(engine) == "warm pool" and pool.pooled_starts == 1
-    async with aiohttp.ClientSession() as http:
+    async with eng.child_session() as http:
         await eng.wait_ready(engine, http, 30)
         body = {"model": "m", "prompt": "hello pool", "max_tokens": 3}
         async with http.post(f"{engine.base_url}/v1/completions", json=body) as r:
@@ -174,7 +174,7 @@ async def test_spare_takes_a_model_and_stops_cleanly(pool: WarmPool, tmp_path: P
     assert engine.server_pid() == spare_info["pid"]
     assert os.getpgid(int(spare_info["pid"])) == engine.pid
     title = " ".join(psutil.Process(int(spare_info["pid"])).cmdline())
-    assert FAKE in title and "--host 127.0.0.1" in title
+    assert FAKE in title and f"--uds {spec.uds}" in title
     log = spec.log_path.read_text()
     assert log.startswith("# vllama: ") and "warm pool: taken by pre-imported interpreter" in log
     assert "Starting vLLM API server" in eng.output_since_start(engine)  # its output went to the model's log
@@ -233,7 +233,9 @@ async def test_failing_imports_give_up_and_fall_back(tmp_path: Path) -> None:
     try:
         cmd = [PY, "-m", "no_such_mod"]
         spec = launch(tmp_path)
-        spec = eng.LaunchSpec(argv=[*cmd, *spec.argv[3:]], env=spec.env, port=spec.port, log_path=spec.log_path)
+        spec = eng.LaunchSpec(
+            argv=[*cmd, *spec.argv[3:]], env=spec.env, port=spec.port, log_path=spec.log_path, uds=spec.uds
+        )
         pool.want(cmd, spec.env)
         await pool.fill()
         await until(lambda: pool.snapshot()["gave_up"], 60, "the pool to give up")
@@ -293,7 +295,7 @@ async def test_a_start_waits_for_a_spare_still_importing(pool: WarmPool, tmp_pat
     cmd = [PY, "-m", "slowmod"]
     base = launch(tmp_path)
     env = {**base.env, "PYTHONPATH": str(tmp_path)}
-    spec = eng.LaunchSpec(argv=[*cmd, "--model", "x"], env=env, port=base.port, log_path=base.log_path)
+    spec = dataclasses.replace(base, argv=[*cmd, "--model", "x"], env=env)
     pool.want(cmd, env)
     await pool.fill()
     assert pool.snapshot()["spares"][0]["state"] == "importing"
@@ -407,7 +409,7 @@ async def test_a_cancelled_start_leaves_the_importing_spare_in_the_pool(pool: Wa
     cmd = [PY, "-m", "slowmod"]
     base = launch(tmp_path)
     env = {**base.env, "PYTHONPATH": str(tmp_path)}
-    spec = eng.LaunchSpec(argv=[*cmd, "--model", "x"], env=env, port=base.port, log_path=base.log_path)
+    spec = dataclasses.replace(base, argv=[*cmd, "--model", "x"], env=env)
     pool.want(cmd, env)
     await pool.fill()
     task = asyncio.get_running_loop().create_task(pool.spawn(spec, prefix=cmd, stop_grace=3))

@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, engine_client
 from vllama import proxy
 
 _VOLATILE = re.compile(rb'"id":"[a-z]+-[0-9a-f]+"|"created":\d+')
@@ -49,8 +50,10 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condit
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def fetch(url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
-    with httpx.Client(timeout=60) as c, c.stream("POST", url, json=body) as r:
+def fetch(url: str, body: dict[str, Any], child: dict[str, Any] | None = None) -> tuple[int, str, bytes]:
+    """POST to `url`, or to the path `url` straight to the child of `ps` row `child` (past vllama)."""
+    client = engine_client(child) if child is not None else httpx.Client(timeout=60)
+    with client as c, c.stream("POST", url, json=body) as r:
         return r.status_code, r.headers.get("content-type", ""), r.read()
 
 
@@ -84,7 +87,7 @@ def daemon(fake_daemon: Daemon) -> Daemon:
 
 def test_concurrent_streams_are_byte_identical_to_direct(daemon: Daemon) -> None:
     with daemon.client() as c:
-        upstream = f"http://127.0.0.1:{ps(c)['A']['port']}"
+        upstream = ps(c)["A"]
     # a mix: paced streams that interleave on the event loop, unpaced ones that arrive coalesced, usage chunks,
     # multi-byte UTF-8 and JSON escapes in the echoed words, and non-streamed answers
     jobs = []
@@ -100,7 +103,7 @@ def test_concurrent_streams_are_byte_identical_to_direct(daemon: Daemon) -> None
         jobs.append(chat_body(text, **extra))
     with ThreadPoolExecutor(48) as pool:
         via = list(pool.map(lambda b: fetch(f"{daemon.url}/v1/chat/completions", b), jobs))
-        direct = list(pool.map(lambda b: fetch(f"{upstream}/v1/chat/completions", b), jobs))
+        direct = list(pool.map(lambda b: fetch("/v1/chat/completions", b, upstream), jobs))
     for body, (vs, vt, vdata), (ds, dt, ddata) in zip(jobs, via, direct, strict=True):
         assert (vs, vt) == (ds, dt) == (200, vt)
         assert normalize(vdata) == normalize(ddata)
@@ -133,7 +136,7 @@ def test_many_streams_at_once_keep_order(daemon: Daemon) -> None:
 
 def test_large_bodies_and_a_slow_reader(daemon: Daemon) -> None:
     with daemon.client() as c:
-        upstream = f"http://127.0.0.1:{ps(c)['A']['port']}"
+        upstream = ps(c)["A"]
     # a 2 MB prompt goes up intact (the echo proves it), and ~2 MB of events come back to a reader slower than
     # the engine (the relay stops reading from vLLM while the client lags, and loses nothing)
     words = [f"{i:07d}" + "x" * 250 for i in range(8000)]
@@ -147,7 +150,7 @@ def test_large_bodies_and_a_slow_reader(daemon: Daemon) -> None:
                 time.sleep(0.02)
     data = b"".join(chunks)
     check_stream(data, body["messages"][0]["content"], body["max_tokens"])
-    assert normalize(data) == normalize(fetch(f"{upstream}/v1/chat/completions", body)[2])
+    assert normalize(data) == normalize(fetch("/v1/chat/completions", body, upstream)[2])
     with daemon.client() as c:
         r = c.post("/v1/chat/completions", json=chat_body(" ".join(words), max_tokens=len(words) + 1))
         assert r.status_code == 200
@@ -158,11 +161,11 @@ def test_large_bodies_and_a_slow_reader(daemon: Daemon) -> None:
 
 def test_upstream_errors_pass_through_and_other_paths(daemon: Daemon) -> None:
     with daemon.client() as c:
-        upstream = f"http://127.0.0.1:{ps(c)['A']['port']}"
+        upstream = engine_client(ps(c)["A"])
         # vLLM's own 400 (context too long) reaches the client as vLLM sent it
         too_long = chat_body("x", max_tokens=10**6)
         r = c.post("/v1/chat/completions", json=too_long)
-        d = httpx.post(f"{upstream}/v1/chat/completions", json=too_long)
+        d = upstream.post("/v1/chat/completions", json=too_long)
         assert r.status_code == d.status_code == 400
         assert r.json() == d.json()
         for path, body in [
@@ -172,7 +175,7 @@ def test_upstream_errors_pass_through_and_other_paths(daemon: Daemon) -> None:
             ("/rerank", {"model": "A", "query": "a", "documents": ["a", "b"]}),
         ]:
             r = c.post(path, json=body)
-            d = httpx.post(upstream + path, json=body)
+            d = upstream.post(path, json=body)
             assert r.status_code == d.status_code == 200, (path, r.text)
             assert normalize(r.content) == normalize(d.content), path
         wait_for(lambda: ps(c)["A"]["in_flight"] == 0, 5, what="in_flight back to 0")
@@ -180,10 +183,11 @@ def test_upstream_errors_pass_through_and_other_paths(daemon: Daemon) -> None:
 
 def test_many_clients_leaving_mid_stream_cancel_upstream(daemon: Daemon) -> None:
     with daemon.client() as c:
-        port = ps(c)["A"]["port"]
+        row = ps(c)["A"]
 
     def stats() -> dict[str, Any]:
-        return dict(httpx.get(f"http://127.0.0.1:{port}/fake/stats").json())
+        with engine_client(row) as child:
+            return dict(child.get("/fake/stats").json())
 
     before = stats()["cancelled"]
 
@@ -224,12 +228,19 @@ def test_the_alternative_clients_still_relay(fake_daemon: Daemon, client: str) -
 # --- the pooled upstream client against misbehaving servers ------------------------------------------------------
 
 
+@pytest.fixture(params=["tcp", "uds"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The raw client's tests run against a loopback port and a Unix socket: a child listens on either."""
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
 async def tiny_server(
-    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Any],
-) -> AsyncIterator[tuple[int, list[int]]]:
-    """A raw HTTP/1.1 server on a free port; `handle(reader, writer, n)` answers the n-th request on a
-    connection. Yields (port, the number of connections accepted so far, in a list)."""
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Any], transport: str = "tcp"
+) -> AsyncIterator[tuple[str, list[int]]]:
+    """A raw HTTP/1.1 server on a free port (or a Unix socket); `handle(reader, writer, n)` answers the n-th
+    request on a connection. Yields (its address for the client, the number of connections accepted so far, in a
+    list)."""
     accepted = [0]
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -248,15 +259,24 @@ async def tiny_server(
         finally:
             writer.close()
 
+    if transport == "uds":
+        with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+            path = f"{folder}/child.sock"
+            server = await asyncio.start_unix_server(serve, path)
+            try:
+                yield f"unix:{path}", accepted
+            finally:
+                server.close()
+        return
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1], accepted
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", accepted
     finally:
         server.close()
 
 
-async def relay_all(client: proxy.RawClient, port: int, body: bytes = b"{}") -> tuple[int, bytes]:
-    up = await client.post(port, "/v1/chat/completions", [(b"content-type", b"application/json")], body)
+async def relay_all(client: proxy.RawClient, address: str, body: bytes = b"{}") -> tuple[int, bytes]:
+    up = await client.post(address, "/v1/chat/completions", [(b"content-type", b"application/json")], body)
     out = []
     while True:
         data, complete = await up.read()
@@ -274,7 +294,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 
 @pytest.mark.parametrize("how", ["closed", "reset"])
-async def test_raw_client_retries_a_kept_alive_connection_closed_by_the_server(how: str) -> None:
+async def test_raw_client_retries_a_kept_alive_connection_closed_by_the_server(how: str, transport: str) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         if n == 2:  # read the 2nd request on this connection, then close (idle timeout) or reset, not answering
             if how == "reset":
@@ -285,14 +305,14 @@ async def test_raw_client_retries_a_kept_alive_connection_closed_by_the_server(h
         return True
 
     client = proxy.RawClient()
-    async with tiny_server(handle) as (port, accepted):
-        assert await relay_all(client, port) == (200, b"ok")
-        assert await relay_all(client, port) == (200, b"ok")  # retried once, on a new connection
+    async with tiny_server(handle, transport) as (address, accepted):
+        assert await relay_all(client, address) == (200, b"ok")
+        assert await relay_all(client, address) == (200, b"ok")  # retried once, on a new connection
         assert accepted[0] == 2
     await client.close()
 
 
-async def test_raw_client_reuses_connections_and_relays_odd_chunking() -> None:
+async def test_raw_client_reuses_connections_and_relays_odd_chunking(transport: str) -> None:
     events = [b'data: {"a": "\xc3', b'\xa9"}\n', b"\ndata: [DO", b"NE]\n\n"]  # split mid-character, mid-event
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
@@ -306,9 +326,9 @@ async def test_raw_client_reuses_connections_and_relays_odd_chunking() -> None:
         return True
 
     client = proxy.RawClient()
-    async with tiny_server(handle) as (port, accepted):
+    async with tiny_server(handle, transport) as (address, accepted):
         for _ in range(5):
-            up = await client.post(port, "/v1/chat/completions", [], b"{}")
+            up = await client.post(address, "/v1/chat/completions", [], b"{}")
             assert (b"content-type", b"text/event-stream") in up.headers
             assert not any(k in (b"transfer-encoding", b"connection") for k, _ in up.headers)
             out = b""
@@ -323,7 +343,7 @@ async def test_raw_client_reuses_connections_and_relays_odd_chunking() -> None:
     await client.close()
 
 
-async def test_raw_client_reports_a_server_that_dies_mid_answer() -> None:
+async def test_raw_client_reports_a_server_that_dies_mid_answer(transport: str) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         writer.write(b"6\r\ndata: \r\n")
@@ -331,8 +351,8 @@ async def test_raw_client_reports_a_server_that_dies_mid_answer() -> None:
         return False  # and close mid-body
 
     client = proxy.RawClient()
-    async with tiny_server(handle) as (port, _):
-        up = await client.post(port, "/v1/chat/completions", [], b"{}")
+    async with tiny_server(handle, transport) as (address, _):
+        up = await client.post(address, "/v1/chat/completions", [], b"{}")
         got = b""
         with pytest.raises(proxy.CLIENT_ERRORS):
             while True:
@@ -342,22 +362,22 @@ async def test_raw_client_reports_a_server_that_dies_mid_answer() -> None:
         assert got == b"data: "
         await up.abort()
     with pytest.raises(OSError):  # nothing listens any more
-        await client.post(port, "/v1/chat/completions", [], b"{}")
+        await client.post(address, "/v1/chat/completions", [], b"{}")
     await client.close()
 
 
 # --- issue 16: faults of the upstream connection and the size of held answers ------------------------------------
 
 
-async def test_raw_client_does_not_resend_on_a_fresh_connection_reset() -> None:
+async def test_raw_client_does_not_resend_on_a_fresh_connection_reset(transport: str) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
         reset(writer)
         return False
 
     client = proxy.RawClient()
-    async with tiny_server(handle) as (port, accepted):
+    async with tiny_server(handle, transport) as (address, accepted):
         with pytest.raises(ConnectionError):  # a new connection reset: vLLM may have seen it; not sent twice
-            await relay_all(client, port)
+            await relay_all(client, address)
         assert accepted[0] == 1
     await client.close()
 

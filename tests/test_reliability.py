@@ -151,8 +151,8 @@ def test_child_sigkilled_mid_stream_ends_with_error_event_others_unaffected(fake
             body = chat_body("victim", "not streamed") | {"max_tokens": 10, "fake_token_rate": 5}  # ~2 s
             slow = pool.submit(post_once, fake_daemon, "/v1/chat/completions", body)
             wait_for(lambda: ps(c)["victim"]["in_flight"] == 1, 30, what="request in flight")
-            port = ps(c)["victim"]["port"]
-            wait_for(lambda: engine_stats(port)["in_flight"] == 1, 30, what="the child answering it")
+            row = ps(c)["victim"]
+            wait_for(lambda: engine_stats(row)["in_flight"] == 1, 30, what="the child answering it")
             os.killpg(group_of(ps(c)["victim"]["pid"]), signal.SIGKILL)
             r = slow.result(30)
         if r.status_code == 502:
@@ -232,6 +232,7 @@ class _Squatter(BaseHTTPRequestHandler):
 
 
 def test_port_taken_is_retried_on_another_port(fake_daemon: Daemon) -> None:
+    fake_daemon.env["VLLAMA_CHILD_TRANSPORT"] = "tcp"  # children on ports (a vLLM without --uds)
     lo, _ = port_range(fake_daemon)
     # the child binds only once its gate is opened: the squatter takes the port first, then opens it
     gates = {m: Gate(fake_daemon, f"start-{m}") for m in ("raced", "answered")}
@@ -331,7 +332,7 @@ CRASH_ROUNDS = int(os.environ.get("VLLAMA_CRASH_ROUNDS", "50"))
 
 def test_crash_loop_leaks_nothing(fake_daemon: Daemon) -> None:
     """Kill the child in many ways, again and again, sometimes mid-stream; each time the next request restarts
-    it. Afterwards: no process, listening port, daemon file descriptor or in-flight count is left over."""
+    it. Afterwards: no process, listening socket, daemon file descriptor or in-flight count is left over."""
     fast = {"FAKE_ENGINE_STARTUP_S": "0.02"}
     fake_daemon.write_models(
         {
@@ -396,13 +397,16 @@ def test_crash_loop_leaks_nothing(fake_daemon: Daemon) -> None:
         figures |= {"rounds": CRASH_ROUNDS, "fds": (fds_before, fds_after), "rss": (rss_before, me.memory_info().rss)}
         assert s["loop"]["state"] == "running" and s["steady"]["pid"] == steady_pid
         assert all(m["in_flight"] == 0 for m in s.values()), s
-        assert engine_stats(s["loop"]["port"])["in_flight"] == 0
+        assert engine_stats(s["loop"])["in_flight"] == 0
         # processes: two groups (loop, steady), each a guard + a server (+ loop's core), nothing else
         groups = fake_daemon.child_groups()
         assert groups == {group_of(s["loop"]["pid"]), group_of(steady_pid)}, groups
         assert len(fake_daemon.descendants()) == 5, [p.cmdline() for p in fake_daemon.descendants()]
-        # listening sockets on the children's port range: only the two live children's
-        assert sorted(listening_ports(lo, hi)) == sorted([s["loop"]["port"], s["steady"]["port"]])
+        # sockets in the children's folder: only the two live children's (a dead child's is replaced at its
+        # restart), and nothing listens on the port range
+        run_dir = Path(s["loop"]["socket"]).parent
+        assert sorted(run_dir.glob("*.sock")) == sorted(Path(s[m]["socket"]) for m in ("loop", "steady"))
+        assert not listening_ports(lo, hi)
         # memory ledger: only the two live children hold memory
         assert len(ledger(fake_daemon)) == 2
         assert fds_after <= fds_before + 4, f"daemon file descriptors grew: {fds_before} → {fds_after}"
@@ -463,7 +467,9 @@ def test_sigkill_of_daemon_and_every_guard_at_once_leaves_nothing(fake_daemon: D
 
 def test_restarted_daemon_reports_strays_and_skips_their_ports(fake_daemon: Daemon, tmp_path: Path) -> None:
     """Leftovers on vllama's port range (a vLLM server, a guard of a vllama gone) are reported in the log and in
-    `vllama info`, never adopted or killed, and their ports are not used."""
+    `vllama info`, never adopted or killed, and their ports are not used (children on ports: for the sockets,
+    see test_child_socket.py)."""
+    fake_daemon.env["VLLAMA_CHILD_TRANSPORT"] = "tcp"
     lo, _ = port_range(fake_daemon)
     env = {k: v for k, v in fake_daemon.env.items() if not k.startswith("VLLAMA_FAKE")}
     env["FAKE_ENGINE_STARTUP_S"] = "0"
@@ -580,7 +586,7 @@ def test_request_while_model_is_being_stopped_waits_then_starts_it(fake_daemon: 
         m = ps(c)["A"]
         assert m["state"] == "running" and m["pid"] != old and m["in_flight"] == 0
         # what the new child served: its warm-up completion after the start, and the request
-        assert engine_stats(m["port"])["served"] == 2, "the request was not served by the new child"
+        assert engine_stats(m)["served"] == 2, "the request was not served by the new child"
 
         # 2. while it is draining for a stop (a stream in flight): the stream completes, then the new request
         # starts it again
@@ -651,8 +657,8 @@ def test_concurrent_admin_commands_on_one_model_never_interleave(fake_daemon: Da
             # one child at most for A (and B's): the groups of live children match what ps shows
             live = {row["pid"] for row in ps(c).values() if row["pid"]}
             assert len(fake_daemon.child_groups()) == len(live), (names, live)
-            if m["port"]:
-                stats = engine_stats(m["port"])
+            if m["socket"]:
+                stats = engine_stats(m)
                 assert not stats["broken"] and stats["in_flight"] == 0
                 assert stats["sleeping"] == (m["state"] == "sleeping")
         assert states(c)["B"] == ("running", None)
@@ -666,6 +672,8 @@ def test_concurrent_admin_commands_on_one_model_never_interleave(fake_daemon: Da
 
 
 def test_children_bind_loopback_only(fake_daemon: Daemon) -> None:
+    """With VLLAMA_CHILD_TRANSPORT=tcp (children on Unix sockets, the default: test_child_socket.py)."""
+    fake_daemon.env["VLLAMA_CHILD_TRANSPORT"] = "tcp"
     fake_daemon.write_models({"A": {"gpu_memory_gib": 2, "aliases": ["a"]}})
     fake_daemon.start()
     with fake_daemon.client() as c:
@@ -691,8 +699,8 @@ def test_vllm_dev_endpoints_unreachable_through_odd_paths(fake_daemon: Daemon) -
     fake_daemon.start()
     with fake_daemon.client() as c:
         assert_echo(chat(c, "A", "hi"), "hi")
-        port = ps(c)["A"]["port"]
-    served = engine_stats(port)["served"]
+        row = ps(c)["A"]
+    served = engine_stats(row)["served"]
     odd = [
         "/sleep?level=1",
         "/v1/../sleep?level=1",
@@ -720,7 +728,7 @@ def test_vllm_dev_endpoints_unreachable_through_odd_paths(fake_daemon: Daemon) -
         conn.close()
         assert r.status in (400, 404, 405), (path, r.status, text)
         assert "error" in json.loads(text), (path, text)
-    stats = engine_stats(port)
+    stats = engine_stats(row)
     assert not stats["sleeping"] and stats["served"] == served, stats
     with fake_daemon.client() as c:
         assert states(c)["A"] == ("running", None)

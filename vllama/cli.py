@@ -8,6 +8,7 @@ import sys
 import time
 import unicodedata
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -79,6 +80,14 @@ def serve(
         load_models_file(settings.models_path)  # refuse to start on a bad models.yaml, with its message
     except ConfigError as exc:
         _fail(str(exc))
+    if settings.child_transport == "uds":
+        from vllama.engine import EngineError, private_dir
+
+        try:  # a socket folder that another user owns is refused here, with its reason (not a traceback)
+            if private_dir(settings.run_dir):
+                typer.echo(f"warning: {settings.run_dir} was open to other users: its mode is now 0700", err=True)
+        except (EngineError, OSError) as exc:
+            _fail(f"cannot use {settings.run_dir} for the vLLM children's sockets: {exc}")
     run(settings)
 
 
@@ -90,6 +99,13 @@ def info(url: str = URL_OPTION) -> None:
     typer.echo(f"health:        {data['health']}, up {data['uptime_seconds']:.0f} s")
     typer.echo(f"home:          {data['home']}")
     typer.echo(f"models file:   {data['models_file']}")
+    if data.get("child_transport") == "uds":
+        typer.echo(f"children:      on Unix sockets in {data['socket_dir']} (only vllama's user can open it)")
+    elif data.get("child_transport") == "tcp":
+        lo, hi = data["port_range"]
+        typer.echo(
+            f"children:      on 127.0.0.1 ports {lo}-{hi} (VLLAMA_CHILD_TRANSPORT=tcp: open to every local user)"
+        )
     if data.get("config_error"):
         typer.echo(f"config error:  {data['config_error']} (the last good configuration is in use)")
     typer.echo(f"configured:    {', '.join(data['configured_models']) or '(none)'}")
@@ -109,9 +125,10 @@ def info(url: str = URL_OPTION) -> None:
         f"evictions:     {data['evictions']}" + (f", last: {data['last_eviction']}" if data["last_eviction"] else "")
     )
     for stray in data.get("strays") or []:
+        where = f"socket {stray['socket']}" if stray.get("socket") else f"port {stray['port']}"
         typer.echo(
-            f"stray:         pid {stray['pid']} on port {stray['port']} ({stray['kind']}), not started by this "
-            f"vllama: left alone, its port skipped: {stray['cmdline'][:100]}"
+            f"stray:         pid {stray['pid']} on {where} ({stray['kind']}), not started by this "
+            f"vllama: left alone, its address skipped: {stray['cmdline'][:100]}"
         )
     pool = data.get("warm_pool")
     if pool and pool.get("size"):
@@ -128,8 +145,15 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
+def _address(row: dict[str, Any]) -> str:
+    """Where a child listens, short: its socket's file name (the folder is in `vllama info`), or its port."""
+    if row.get("socket"):
+        return Path(row["socket"]).name
+    return str(row.get("port") or "-")
+
+
 def _format_ps(rows: list[dict[str, Any]]) -> str:
-    headers = ["MODEL", "STATE", "PORT", "PID", "DEVICES", "MEMORY", "IN-FLIGHT", "LAST ACCESS", "IDLE"]
+    headers = ["MODEL", "STATE", "ADDRESS", "PID", "DEVICES", "MEMORY", "IN-FLIGHT", "LAST ACCESS", "IDLE"]
     table = [headers]
     for r in rows:
         state = r["state"] + (f" (L{r['sleep_level']})" if r.get("sleep_level") else "")
@@ -138,7 +162,7 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
             [
                 r["model"],
                 state,
-                str(r["port"] or "-"),
+                _address(r),
                 str(r["pid"] or "-"),
                 ",".join(str(d) for d in r["devices"]) or "-",
                 "+".join(_gib(v) for v in memory.values()) or "-",
@@ -167,7 +191,7 @@ def _format_ps(rows: list[dict[str, Any]]) -> str:
 
 @app.command()
 def ps(url: str = URL_OPTION, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """List model instances: state, port, pid, devices, memory, in-flight requests, last access."""
+    """List model instances: state, address (socket or port), pid, devices, memory, in-flight requests, last access."""
     data = _client(url).ps()
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -234,7 +258,8 @@ def _follow_start(client: Client, model: str, snap: dict[str, Any], *, verbose: 
                 read_log()  # the stages passed since the last poll
             clear()
             if verbose:
-                echo(f"{snap['model']} is running on port {snap['port']} (ready after {elapsed:.1f} s)")
+                where = f"socket {snap['socket']}" if snap.get("socket") else f"port {snap['port']}"
+                echo(f"{snap['model']} is running on {where} (ready after {elapsed:.1f} s)")
             return snap
         if state in ("error", "stopped") and elapsed > 1.0:
             clear()

@@ -21,6 +21,7 @@ else); an `adapter_dirs` folder is read when models.yaml is loaded, and must exi
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -86,8 +87,9 @@ def _seconds(number: float, value: Any) -> float | None:
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 
-# flags vllama owns: a child must bind 127.0.0.1 (its sleep/RPC endpoints are unauthenticated) on vllama's port
-_RESERVED_FLAGS = {"--host", "--port", "--served-model-name", "--model"}
+# flags vllama owns: a child listens on vllama's Unix socket (or binds 127.0.0.1 on vllama's port): its
+# sleep/RPC endpoints are unauthenticated
+_RESERVED_FLAGS = {"--host", "--port", "--uds", "--served-model-name", "--model"}
 # flags that decide how much memory a child takes, or on how many GPUs: vLLM takes the last one given, so in
 # extra_args they would silently contradict what vllama made room for. Flag → the models.yaml key to use.
 _PLANNED_FLAGS = {
@@ -267,7 +269,10 @@ class ModelConfig(BaseModel):
         for arg in value:
             flag = _flag_name(arg) or arg.split("=", 1)[0]
             if flag in _RESERVED_FLAGS:
-                raise ValueError(f"{flag} is set by vllama (children bind 127.0.0.1 on a port vllama picks)")
+                raise ValueError(
+                    f"{flag} is set by vllama (children listen on a Unix socket in a folder only vllama's user can "
+                    "open, or on 127.0.0.1 at a port vllama picks: VLLAMA_CHILD_TRANSPORT)"
+                )
             planned = planned_flag(arg)
             if planned is not None:
                 raise ValueError(
@@ -619,6 +624,31 @@ def _keep_alive(raw: str) -> KeepAlive:
     return KeepAlive.parse(value)
 
 
+# a Unix socket's path is at most 107 bytes (sun_path holds 108 with the final NUL)
+UNIX_PATH_MAX = 107
+# the longest socket file name vllama makes in the run folder (`engine.pick_socket`): a model's name cut to
+# 40 characters, "-N" (1 to 99), ".sock"
+SOCKET_NAME_MAX = 48
+
+
+def socket_dir(home: Path) -> Path:
+    """Where the children's sockets go: `<home>/run`, unless a socket path there could be longer than a Unix
+    socket allows; then `$XDG_RUNTIME_DIR/vllama-<hash>` (a per-user 0700 folder, when set and short enough),
+    else `/tmp/vllama-<uid>-<hash>` (the hash tells the homes apart; `engine.private_dir` refuses a folder
+    there that another user made first)."""
+    home = home.expanduser().absolute()
+    preferred = home / "run"
+    if len(os.fsencode(preferred)) + 1 + SOCKET_NAME_MAX <= UNIX_PATH_MAX:
+        return preferred
+    tag = hashlib.sha256(os.fsencode(home)).hexdigest()[:12]
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/"):
+        candidate = Path(runtime) / f"vllama-{tag}"
+        if len(os.fsencode(candidate)) + 1 + SOCKET_NAME_MAX <= UNIX_PATH_MAX:
+            return candidate
+    return Path("/tmp") / f"vllama-{os.getuid()}-{tag}"
+
+
 @dataclass
 class Settings:
     """Daemon-wide settings; each has an environment variable `VLLAMA_<NAME>`."""
@@ -627,7 +657,10 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 33258
     log_level: str = "info"
-    # ports handed to vLLM children (each binds 127.0.0.1 only)
+    # how vllama reaches its vLLM children: "uds" (a Unix socket in run_dir, a folder only vllama's user can
+    # open) or "tcp" (a port of port_range on 127.0.0.1, which every local user can reach; for a vLLM without --uds)
+    child_transport: str = "uds"
+    # ports handed to vLLM children with child_transport tcp (each binds 127.0.0.1 only)
     port_range: tuple[int, int] = (33300, 33999)
     # the command that runs vLLM's OpenAI server; the model's own `vllm_command` wins
     vllm_command: list[str] = field(
@@ -688,6 +721,11 @@ class Settings:
     def logs_dir(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the children's Unix sockets (see `socket_dir`)."""
+        return socket_dir(self.home)
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Settings from the `VLLAMA_*` environment; a bad value is a ConfigError naming the variable."""
@@ -702,6 +740,7 @@ class Settings:
         parsed: dict[str, Any] = {
             "port": _env_value("VLLAMA_PORT", _number(1, 65535, integer=True)),
             "port_range": _env_value("VLLAMA_PORT_RANGE", _port_range),
+            "child_transport": _env_value("VLLAMA_CHILD_TRANSPORT", _choice("uds", "tcp")),
             "vllm_command": _env_value("VLLAMA_VLLM_COMMAND", str.split)
             or _env_value("VLLAMA_VLLM_PYTHON", lambda p: [p, "-m", "vllm.entrypoints.openai.api_server"]),
             "gpu_probe": _env_value("VLLAMA_GPU_PROBE", _choice("auto", "nvml", "cpu", "fake")),

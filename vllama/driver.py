@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllama")
 
-PORT_RETRIES = 3  # launches again on another port when the picked one was taken before vLLM bound it
+# launches again at another address when the picked port (or socket) was taken before vLLM bound it
+PORT_RETRIES = 3
 
 
 class Driver(Protocol):
@@ -54,25 +56,33 @@ class VllmDriver:
         probe: GpuProbe,
         pool: WarmPool,
         http: Callable[[], aiohttp.ClientSession],
-        taken_ports: Callable[[], set[int]],
+        taken: Callable[[], set[int | Path]],
         sizing_for: Callable[[Instance], Sizing | None],
     ) -> None:
         self.settings = settings
         self.probe = probe
         self.pool = pool
         self._http = http
-        self._taken_ports = taken_ports
+        self._taken = taken
         self._sizing_for = sizing_for
-        self.launching: dict[str, int] = {}  # model → the port picked for its launch in progress
+        # model → the port or socket picked for its launch in progress
+        self.launching: dict[str, int | Path] = {}
 
-    def _spec(self, inst: Instance, avoid: list[int]) -> eng.LaunchSpec:
-        port = eng.pick_port(self.settings.port_range, self._taken_ports() | set(self.launching.values()) | set(avoid))
-        self.launching[inst.name] = port  # picked but not bound yet: no concurrent launch may pick it
+    def _spec(self, inst: Instance, avoid: list[int | Path]) -> eng.LaunchSpec:
+        taken = self._taken() | set(self.launching.values()) | set(avoid)
+        port: int | None = None
+        uds: Path | None = None
+        if self.settings.child_transport == "uds":
+            uds = eng.pick_socket(self.settings.run_dir, inst.name, taken)
+        else:
+            port = eng.pick_port(self.settings.port_range, taken)
+        self.launching[inst.name] = uds or port or 0  # picked but not bound yet: no concurrent launch may pick it
         spec = eng.build_launch(
             name=inst.name,
             cfg=inst.cfg,
             vllm_command=self.settings.vllm_command,
             port=port,
+            uds=uds,
             devices=inst.devices,
             device_kind=self.probe.kind,
             gpu_memory_utilization=inst.gpu_memory_utilization,
@@ -89,7 +99,7 @@ class VllmDriver:
         return spec
 
     async def start(self, inst: Instance, on_spawn: Callable[[eng.EngineProcess], None]) -> eng.EngineProcess:
-        tried: list[int] = []
+        tried: list[int | Path] = []
         http = self._http()
         grace = self.settings.stop_timeout
         timeout = inst.cfg.startup_timeout or self.settings.startup_timeout
@@ -99,10 +109,10 @@ class VllmDriver:
         try:
             spec = self._spec(inst, tried)
             log.info(
-                "starting %s on devices %s, port %d (log: %s)", inst.name, list(inst.devices), spec.port, spec.log_path
+                "starting %s on devices %s at %s (log: %s)", inst.name, list(inst.devices), spec.address, spec.log_path
             )
             while True:
-                tried.append(spec.port)
+                tried.append(spec.uds or spec.port or 0)
                 # the warm pool may hand the start to a pre-imported interpreter (vllama/pool.py)
                 engine = await self.pool.spawn(spec, prefix=prefix, stop_grace=grace, prewarm=inst.cfg.prewarm)
                 on_spawn(engine)
@@ -110,15 +120,12 @@ class VllmDriver:
                     await eng.wait_ready(engine, http, max(deadline - loop.time(), 0.0))
                     break
                 except eng.PortInUse as exc:
-                    # another process took the port between the pick and vLLM's bind: another port (bounded)
+                    # another process took the address between the pick and vLLM's bind: another one (bounded)
                     await eng.terminate(engine, grace)
                     if len(tried) > PORT_RETRIES:
                         raise eng.EngineError(f"{exc} (log: {spec.log_path})") from None
-                    failed = spec.port
                     spec = self._spec(inst, tried)
-                    log.warning(
-                        "%s: port %d was taken by another process; trying port %d", inst.name, failed, spec.port
-                    )
+                    log.warning("%s: %s; trying %s", inst.name, exc, spec.address)
         finally:
             self.launching.pop(inst.name, None)
         await eng.warm_up(engine, http, inst.name)

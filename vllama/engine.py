@@ -1,6 +1,11 @@
 """One vLLM child: its command line and environment, spawning it in its own process group under
 `vllama.guard`, readiness, the sleep/wake HTTP calls, and stopping the whole group.
 
+Where a child listens (`VLLAMA_CHILD_TRANSPORT`): by default on a Unix socket (vLLM's `--uds`) in a folder only
+vllama's user can open (`private_dir`), so no other local user can reach its unauthenticated sleep, wake and
+RPC endpoints or its models; with `tcp`, on a port of `VLLAMA_PORT_RANGE` on 127.0.0.1 (for a vLLM without
+`--uds`). A child's address is one string either way, `unix:/path` or `127.0.0.1:port` (`LaunchSpec.address`).
+
 This module knows vLLM's HTTP and process facts; it keeps no lifecycle state (that is `instance.py`).
 """
 
@@ -8,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -22,8 +29,10 @@ from typing import Any
 
 import aiohttp
 import psutil
+from aiohttp.client_exceptions import UnixClientConnectorError
+from aiohttp.client_proto import ResponseHandler
 
-from vllama.config import ADAPTER_CONFIG, LORA_RANKS, ModelConfig
+from vllama.config import ADAPTER_CONFIG, LORA_RANKS, SOCKET_NAME_MAX, ModelConfig
 
 LOOPBACK = "127.0.0.1"  # vLLM's sleep/RPC endpoints are unauthenticated: children never bind anything else
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -31,6 +40,8 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _ENV_DROPPED = ("PYTORCH_CUDA_ALLOC_CONF", "VLLAMA_API_KEY", "VLLAMA_ADMIN_API_KEY")
 # how a server that could not bind its port says so (Python's OSError; uvicorn's and aiohttp's wording)
 _ADDRESS_IN_USE = re.compile(r"address already in use|\[errno 98\]|EADDRINUSE", re.IGNORECASE)
+# how an argparse CLI (vLLM before --uds) refuses the flag
+_NO_UDS = re.compile(r"unrecognized arguments:.*--uds")
 
 
 class EngineError(Exception):
@@ -38,8 +49,8 @@ class EngineError(Exception):
 
 
 class PortInUse(EngineError):
-    """The child could not have its port: another process bound it after vllama picked it (or answers on it).
-    Not the model's fault: start it again on another port."""
+    """The child could not have its address: another process bound the port (or made the socket) after vllama
+    picked it, or answers there. Not the model's fault: start it again at another address."""
 
 
 def safe_file_name(name: str) -> str:
@@ -129,8 +140,14 @@ def launch_lora_settings(argv: list[str]) -> tuple[int, int] | None:
 class LaunchSpec:
     argv: list[str]
     env: dict[str, str]
-    port: int
+    port: int | None  # None: the child listens on the Unix socket `uds`
     log_path: Path
+    uds: Path | None = None
+
+    @property
+    def address(self) -> str:
+        """Where the child listens: `unix:/path/of/socket` or `127.0.0.1:port`."""
+        return f"unix:{self.uds}" if self.uds is not None else f"{LOOPBACK}:{self.port}"
 
 
 def build_launch(
@@ -138,7 +155,8 @@ def build_launch(
     name: str,
     cfg: ModelConfig,
     vllm_command: list[str],
-    port: int,
+    port: int | None = None,
+    uds: Path | None = None,
     devices: tuple[int, ...],
     device_kind: str,
     gpu_memory_utilization: float | None,
@@ -147,15 +165,18 @@ def build_launch(
     cuda_ids: Sequence[str] | None = None,
 ) -> LaunchSpec:
     """The command line and environment of a child on `devices` (vllama's device numbers); `cuda_ids` are what
-    CUDA_VISIBLE_DEVICES names for them (NVML indices, `GpuProbe.cuda_ids`); default: the numbers themselves."""
+    CUDA_VISIBLE_DEVICES names for them (NVML indices, `GpuProbe.cuda_ids`); default: the numbers themselves.
+    The child listens on the Unix socket `uds` if given (vLLM then ignores --host/--port: none is passed), else
+    on 127.0.0.1 at `port`."""
+    if (uds is None) == (port is None):
+        raise ValueError("a child listens on a Unix socket or on a port: give one of uds and port")
     served_names = [name, *cfg.aliases]
     argv = [
         *(cfg.vllm_command or vllm_command),
         "--model", cfg.source or name,
         "--served-model-name", *served_names,
-        "--host", LOOPBACK,
-        "--port", str(port),
     ]  # fmt: skip
+    argv += ["--uds", str(uds)] if uds is not None else ["--host", LOOPBACK, "--port", str(port)]
     if device_kind == "cuda" and gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.4f}"]
     if cfg.max_model_len is not None:
@@ -185,8 +206,10 @@ def build_launch(
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # enables /v1/load_lora_adapter and /v1/unload_lora_adapter
     if device_kind == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    log_path = logs_dir / f"{safe_file_name(name)}_{port}.log"
-    return LaunchSpec(argv=argv, env=env, port=port, log_path=log_path)
+    # `<model>_<port>.log`, or `<model>_<n>.log` after the socket `<model>-<n>.sock` (`pick_socket`)
+    where = uds.stem.rpartition("-")[2] if uds is not None else str(port)
+    log_path = logs_dir / f"{safe_file_name(name)}_{where}.log"
+    return LaunchSpec(argv=argv, env=env, port=port, log_path=log_path, uds=uds)
 
 
 def port_is_free(port: int) -> bool:
@@ -199,12 +222,120 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def pick_port(port_range: tuple[int, int], taken: Iterable[int]) -> int:
+def pick_port(port_range: tuple[int, int], taken: Iterable[object]) -> int:
     busy = set(taken)
     for port in range(port_range[0], port_range[1] + 1):
         if port not in busy and port_is_free(port):
             return port
     raise EngineError(f"no free port in {port_range[0]}-{port_range[1]} for a new vLLM instance")
+
+
+# --- Unix sockets ------------------------------------------------------------------------------------------
+
+
+def private_dir(path: Path) -> bool:
+    """Make `path` a folder only this user can open (0700), or check and repair the one there. True if its
+    mode had to be repaired. EngineError if it is not a real folder (a symlink, a file) or belongs to another
+    user: in a shared folder like /tmp another user could have made it first, to reach the sockets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise EngineError(f"{path} (the folder of the vLLM children's sockets) is not a folder (a symlink or a file)")
+    if st.st_uid != os.geteuid():
+        raise EngineError(
+            f"{path} (the folder of the vLLM children's sockets) belongs to uid {st.st_uid}, not to vllama's user "
+            f"(uid {os.geteuid()}): remove it, or set VLLAMA_HOME to a shorter path"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)  # the mode of an existing folder, or one that a umask narrowed further
+        return True
+    return False
+
+
+def socket_in_use(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket `path` (False for a leftover socket file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(str(path))
+        except (TimeoutError, BlockingIOError):
+            return True  # a full backlog: somebody is there
+        except OSError:  # no file, nobody listening (a leftover), not a socket
+            return False
+    return True
+
+
+def remove_socket(path: Path) -> bool:
+    """Remove a socket file (never anything else). True if one was removed."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+            return True
+    return False
+
+
+def pick_socket(run_dir: Path, name: str, taken: Iterable[object]) -> Path:
+    """A socket path for a child of model `name`: `<run_dir>/<name>-1.sock` (the name made safe and short), or
+    -2, -3... when that one is used by another child of ours, answered by a process we did not start, or is
+    no socket. A leftover socket file (a child that died, an earlier vllama) is removed: vLLM cannot bind over
+    one."""
+    busy = set(taken)
+    stem = safe_file_name(name)[: SOCKET_NAME_MAX - len("-99.sock")]
+    for k in range(1, 100):
+        path = run_dir / f"{stem}-{k}.sock"
+        if path in busy or socket_in_use(path):
+            continue
+        remove_socket(path)
+        if not os.path.lexists(path):
+            return path
+    raise EngineError(f"no free socket name for {name!r} in {run_dir}")
+
+
+# aiohttp reaches a child's socket through a URL whose host stands for the socket (see ChildConnector)
+_SOCKET_HOSTS: dict[str, str] = {}
+
+
+def url_of(address: str) -> str:
+    """The base URL of a child at `address` (`LaunchSpec.address`) for a session with a ChildConnector."""
+    path = address.removeprefix("unix:")
+    if path == address:
+        return f"http://{address}"
+    host = f"uds-{hashlib.sha256(os.fsencode(path)).hexdigest()[:20]}.vllama.invalid"
+    _SOCKET_HOSTS[host] = path  # one entry per socket path ever used: a few per model
+    return f"http://{host}"
+
+
+class ChildConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector that also connects to the children's Unix sockets, by the host of a URL from
+    `url_of` (aiohttp's own UnixConnector serves one socket per session; vllama has one session for all)."""
+
+    async def _create_connection(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        path = _SOCKET_HOSTS.get(req.host)
+        if path is None:
+            return await super()._create_connection(req, traces, timeout)
+        try:
+            async with asyncio.timeout(timeout.sock_connect):
+                _, protocol = await self._loop.create_unix_connection(lambda: ResponseHandler(self._loop), path)
+        except OSError as exc:
+            raise UnixClientConnectorError(path, req.connection_key, exc) from exc
+        return protocol
+
+
+def child_session() -> aiohttp.ClientSession:
+    """An aiohttp session that reaches children at either kind of address."""
+    return aiohttp.ClientSession(connector=ChildConnector(limit=0))
+
+
+async def open_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    path = address.removeprefix("unix:")
+    if path != address:
+        return await asyncio.open_unix_connection(path)
+    host, _, port = address.rpartition(":")
+    return await asyncio.open_connection(host, int(port))
 
 
 def log_tail(path: Path, lines: int = 20) -> tuple[str, int]:
@@ -249,12 +380,16 @@ class EngineProcess:
         return self.process.pid
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
         return self.spec.port
 
     @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
     def base_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.spec.port}"
+        return url_of(self.spec.address)
 
     @property
     def exited(self) -> bool:
@@ -301,71 +436,105 @@ def output_since_start(engine: EngineProcess, limit: int = 256 * 1024) -> str:
         return ""
 
 
-def listens_on_port(engine: EngineProcess) -> bool | None:
-    """Whether a process of this instance's group listens on its port: False means whatever answers there is
-    somebody else's (a stray took the port); None when that cannot be told (no permission to look)."""
+def listens_on_address(engine: EngineProcess) -> bool | None:
+    """Whether a process of this instance's group listens at its address (port or socket): False means whatever
+    answers there is somebody else's (a stray took it); None when that cannot be told (no permission to look)."""
     try:
         guard = psutil.Process(engine.pid)
         procs = [guard, *guard.children(recursive=True)]
     except psutil.Error:
         return None
+    uds = str(engine.spec.uds) if engine.spec.uds is not None else None
     denied = False
     for proc in procs:
         try:
-            conns = proc.net_connections(kind="tcp")
+            conns = proc.net_connections(kind="unix" if uds else "tcp")
         except psutil.AccessDenied:
             denied = True
             continue
         except psutil.Error:
             continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == engine.port for c in conns):
+        if uds is not None:
+            if any(c.laddr == uds for c in conns):
+                return True
+        elif any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == engine.port for c in conns):
             return True
     return None if denied else False
 
 
-def _port_arg(cmdline: list[str]) -> int | None:
-    """The value of the last `--port N` / `--port=N` in a command line."""
-    port = None
+def _last_arg(cmdline: list[str], flag: str) -> str | None:
+    """The value of the last `FLAG V` / `FLAG=V` in a command line."""
+    value = None
     for i, arg in enumerate(cmdline):
-        value = cmdline[i + 1] if arg == "--port" and i + 1 < len(cmdline) else arg.partition("--port=")[2]
-        if value.isdigit():
-            port = int(value)
-    return port
+        if arg == flag and i + 1 < len(cmdline):
+            value = cmdline[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.partition("=")[2]
+    return value
 
 
-def find_strays(port_range: tuple[int, int]) -> list[dict[str, Any]]:
-    """Processes this vllama did not start that listen on a port of `port_range`, or that run a vllama guard or
-    a vLLM server meant for such a port (still starting): leftovers of an earlier or another vllama, or
-    squatters. vllama never adopts or kills them; it reports them and leaves their ports alone."""
-    lo, hi = port_range
+def remove_leftover_sockets(run_dir: Path) -> list[Path]:
+    """Remove the socket files in `run_dir` that nobody answers on (children of an earlier vllama that was
+    killed, or that died): vLLM cannot bind over one. Sockets still answered are left (`find_strays`)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in sorted(run_dir.glob("*.sock")):
+            if not socket_in_use(path) and remove_socket(path):
+                removed.append(path)
+    return removed
+
+
+def find_strays(*, port_range: tuple[int, int] | None = None, run_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Processes this vllama did not start that listen at an address of its children — a port of `port_range`
+    (TCP children), a socket in `run_dir` (Unix-socket children) — or that run a vllama guard or a vLLM server
+    meant for one (still starting): leftovers of an earlier or another vllama on the same home, or squatters.
+    vllama never adopts or kills them; it reports them and leaves their addresses alone."""
     me = os.getpid()
     try:
         ours = {me, *(p.pid for p in psutil.Process(me).children(recursive=True))}
     except psutil.Error:
         ours = {me}
-    found: dict[tuple[int | None, int | None], dict[str, Any]] = {}
+    found: dict[tuple[int | None, object], dict[str, Any]] = {}
 
-    def add(pid: int | None, port: int | None, cmdline: list[str] | None = None) -> None:
+    def add(pid: int | None, where: int | str, cmdline: list[str] | None = None) -> None:
         if cmdline is None and pid is not None:
             with contextlib.suppress(psutil.Error):
                 cmdline = psutil.Process(pid).cmdline()
         text = " ".join(cmdline or [])
         kind = "vllama guard" if "vllama.guard" in text else "vLLM server" if "vllm" in text.lower() else "other"
         kind = "vLLM server (fake)" if kind == "other" and "fake_engine" in text else kind
-        found[(pid, port)] = {"pid": pid, "port": port, "kind": kind, "cmdline": text[:300]}
+        port, sock = (where, None) if isinstance(where, int) else (None, where)
+        found[(pid, where)] = {"pid": pid, "port": port, "socket": sock, "kind": kind, "cmdline": text[:300]}
+
+    def ours_to_watch(port: int | None, sock: str | None) -> bool:
+        if port is not None and port_range is not None:
+            return port_range[0] <= port <= port_range[1]
+        return sock is not None and run_dir is not None and Path(sock).parent == run_dir
 
     with contextlib.suppress(psutil.Error, OSError):
-        for c in psutil.net_connections(kind="tcp"):
-            if c.status == psutil.CONN_LISTEN and c.laddr and lo <= c.laddr.port <= hi and c.pid not in ours:
+        for c in psutil.net_connections(kind="tcp" if run_dir is None else "all"):
+            if c.pid in ours or not c.laddr:
+                continue
+            if c.family == socket.AF_UNIX:
+                if isinstance(c.laddr, str) and ours_to_watch(None, c.laddr) and c.laddr.endswith(".sock"):
+                    add(c.pid, c.laddr)
+            elif c.status == psutil.CONN_LISTEN and ours_to_watch(c.laddr.port, None):
                 add(c.pid, c.laddr.port)
+    listed = {key[0] for key in found}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         pid, cmdline = proc.info["pid"], proc.info["cmdline"] or []
-        if pid in ours or not any("vllama.guard" in a or "vllm" in a.lower() or "fake_engine" in a for a in cmdline):
+        if pid in ours or pid in listed:
             continue
-        port = _port_arg(cmdline)  # a guard, or a server still starting, that will bind this port
-        if port is not None and lo <= port <= hi and not any(key[0] == pid for key in found):
+        if not any("vllama.guard" in a or "vllm" in a.lower() or "fake_engine" in a for a in cmdline):
+            continue
+        # a guard, or a server still starting, that will listen there
+        raw_port, sock = _last_arg(cmdline, "--port"), _last_arg(cmdline, "--uds")
+        port = int(raw_port) if raw_port is not None and raw_port.isdigit() else None
+        if sock is not None and ours_to_watch(None, sock):
+            add(pid, sock, cmdline)
+        elif sock is None and port is not None and ours_to_watch(port, None):
             add(pid, port, cmdline)
-    return sorted(found.values(), key=lambda e: (e["port"] or 0, e["pid"] or 0))
+    return sorted(found.values(), key=lambda e: (e["port"] or 0, e["socket"] or "", e["pid"] or 0))
 
 
 async def wait_ready(engine: EngineProcess, http: aiohttp.ClientSession, timeout: float) -> None:
@@ -373,19 +542,24 @@ async def wait_ready(engine: EngineProcess, http: aiohttp.ClientSession, timeout
     deadline = time.monotonic() + timeout
     while True:
         if engine.exited:
-            if _ADDRESS_IN_USE.search(output_since_start(engine)):
-                raise PortInUse(f"port {engine.port} was taken by another process before vLLM could bind it")
+            output = output_since_start(engine)
+            where = f"socket {engine.spec.uds}" if engine.spec.uds is not None else f"port {engine.port}"
+            if _ADDRESS_IN_USE.search(output):
+                raise PortInUse(f"{where} was taken by another process before vLLM could bind it")
+            hint = ""
+            if engine.spec.uds is not None and _NO_UDS.search(output):
+                hint = " (this vLLM has no --uds: set VLLAMA_CHILD_TRANSPORT=tcp to serve its children on ports)"
             raise EngineError(
                 f"vLLM exited with code {engine.process.returncode} while starting: "
-                f"{summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
+                f"{summarize_failure(engine.spec.log_path)}{hint} (log: {engine.spec.log_path})"
             )
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with http.get(f"{engine.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                 healthy = r.status == 200
             if healthy:
                 # whoever answered must be our child, not a stray that holds the port (never adopt one)
-                if await asyncio.to_thread(listens_on_port, engine) is False:
-                    raise PortInUse(f"port {engine.port} is answered by a process that is not this vLLM")
+                if await asyncio.to_thread(listens_on_address, engine) is False:
+                    raise PortInUse(f"{engine.address} is answered by a process that is not this vLLM")
                 return
         if time.monotonic() > deadline:
             raise EngineError(f"vLLM did not become ready within {timeout:.0f} s (log: {engine.spec.log_path})")
@@ -403,6 +577,8 @@ async def terminate(engine: EngineProcess, grace: float) -> int | None:
     kill_group(engine.pid)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(engine.process.wait(), 5.0)
+    if engine.spec.uds is not None:
+        remove_socket(engine.spec.uds)  # the group is gone: nobody listens there any more
     return engine.process.returncode
 
 
@@ -417,6 +593,14 @@ async def engine_exited(engine: EngineProcess, within: float) -> bool:
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def discard(engine: EngineProcess) -> None:
+    """A child that died by itself: kill what is left of its group, and remove its socket file at once (the
+    path is free for the next start even while the SIGKILLed processes are still going away)."""
+    kill_group(engine.pid)
+    if engine.spec.uds is not None:
+        remove_socket(engine.spec.uds)
 
 
 # --- vLLM's sleep API (needs VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode) ---------------------------------

@@ -593,7 +593,7 @@ class Instance:
         if engine is None or self.engine is not engine:
             return  # a stop we asked for, or already recorded
         self.engine = None
-        eng.kill_group(engine.pid)  # the EngineCore may outlive the API server
+        eng.discard(engine)  # the EngineCore may outlive the API server
         self.last_error = (
             f"{self.name}: vLLM exited unexpectedly with code {engine.process.returncode}: "
             f"{eng.summarize_failure(engine.spec.log_path)} (log: {engine.spec.log_path})"
@@ -621,7 +621,8 @@ class Instance:
             "model": self.name,
             "state": self.state.value,
             "sleep_level": self.sleep_level or None,
-            "port": engine.port if engine else None,
+            "port": engine.port if engine else None,  # None on a Unix socket
+            "socket": str(engine.spec.uds) if engine and engine.spec.uds else None,
             "pid": (engine.server_pid() or engine.pid) if engine else None,
             "devices": list(self.devices),
             "need_bytes": self.need,

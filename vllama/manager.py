@@ -15,6 +15,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -65,7 +66,7 @@ class Manager:
         self.started_at = time.time()
         self.closing = False
         self._background: set[asyncio.Task[Any]] = set()
-        # processes found at start-up on our port range that this vllama did not start (see engine.find_strays)
+        # processes found at start-up at our children's addresses that this vllama did not start (engine.find_strays)
         self.strays: list[dict[str, Any]] = []
         self._sizing_cache: dict[tuple[str, str, int], tuple[float, Sizing]] = {}
         # pre-imported vLLM interpreters that cold starts are handed to (vllama/pool.py)
@@ -94,7 +95,7 @@ class Manager:
         )
         self.keep_alive = KeepAliveLoop(settings, self.registry, self.placement, self._record_eviction)
         self.driver: Driver = driver or VllmDriver(
-            settings, probe, self.pool, lambda: self.http, self._taken_ports, self._sizing_of
+            settings, probe, self.pool, lambda: self.http, self._taken, self._sizing_of
         )
 
     def _new_instance(self, name: str, cfg: ModelConfig) -> Instance:
@@ -112,18 +113,31 @@ class Manager:
     async def open(self) -> None:
         self.settings.logs_dir.mkdir(parents=True, exist_ok=True)
         self.registry.load_config(strict=True)
-        self.strays = await asyncio.to_thread(eng.find_strays, self.settings.port_range)
+        if self.settings.child_transport == "uds":
+            run_dir = self.settings.run_dir
+            if eng.private_dir(run_dir):
+                log.warning("the children's socket folder %s was open to other users: its mode is now 0700", run_dir)
+            if run_dir.parent != self.settings.home.expanduser().absolute():
+                log.info("children's sockets are in %s (a socket path under %s would be too long)", run_dir,
+                         self.settings.home)  # fmt: skip
+            for path in await asyncio.to_thread(eng.remove_leftover_sockets, run_dir):
+                log.info("removed the leftover socket %s (nothing answers on it)", path)
+            self.strays = await asyncio.to_thread(eng.find_strays, run_dir=run_dir)
+            where = f"vllama's socket folder {run_dir}"
+        else:
+            self.strays = await asyncio.to_thread(eng.find_strays, port_range=self.settings.port_range)
+            where = "vllama's port range {}-{}".format(*self.settings.port_range)
         for stray in self.strays:
             log.warning(
-                "stray process on vllama's port range %d-%d (not started by this vllama; left alone, its port is "
-                "skipped): pid %s, port %s, %s: %s",
-                *self.settings.port_range,
+                "stray process at %s (not started by this vllama; left alone, its address is skipped): pid %s, %s, "
+                "%s: %s",
+                where,
                 stray["pid"],
-                stray["port"],
+                stray["socket"] or f"port {stray['port']}",
                 stray["kind"],
                 stray["cmdline"],
             )
-        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._http = eng.child_session()
         self._keep_alive_task = asyncio.get_running_loop().create_task(self.keep_alive.run_forever())
         self.pool.want_models(self.models.models, self.settings, self.probe.supports_sleep)
         self.background(asyncio.get_running_loop().create_task(self.pool.fill()))
@@ -230,10 +244,15 @@ class Manager:
     def record_start(self, inst: Instance, ok: bool) -> None:
         self.start_backoff.record(inst.name, failed=not ok, message=inst.last_error, now=self.clock())
 
-    def _taken_ports(self) -> set[int]:
-        """Ports of running children and of strays: a new launch picks another."""
-        taken = {i.engine.port for i in self.instances.values() if i.engine is not None}
-        return taken | {int(s["port"]) for s in self.strays if s["port"]}
+    def _taken(self) -> set[int | Path]:
+        """Ports and sockets of our children and of strays: a new launch picks another."""
+        taken: set[int | Path] = set()
+        for engine in (i.engine for i in self.instances.values()):
+            if engine is not None:
+                taken.add(engine.spec.uds or engine.port or 0)
+        for stray in self.strays:
+            taken.add(Path(stray["socket"]) if stray["socket"] else int(stray["port"] or 0))
+        return taken
 
     def _sizing_of(self, inst: Instance) -> Sizing | None:
         return self.sizing_for(inst.name, inst.cfg, self._device_total(inst.devices))

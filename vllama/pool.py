@@ -188,7 +188,8 @@ def launch_template(
     sleep_mode: bool,
     cuda_ids: Callable[[Sequence[int]], list[str]] | None = None,
 ) -> eng.LaunchSpec:
-    """The launch a model would get (on port 0, the first devices): where its engine environment comes from.
+    """The launch a model would get (on port 0, the first devices): where its engine environment comes from
+    (the address changes only the command line).
     `cuda_ids` (the probe's) maps vllama's devices to the GPUs a child names: a spare never sees a GPU outside
     vllama's selection."""
     devices = tuple(range(cfg.device_count))
@@ -558,12 +559,12 @@ class WarmPool:
             self._background(self._refill_after(engine))
 
     async def _refill_after(self, engine: eng.EngineProcess, poll: float = 0.5, limit: float = 3600.0) -> None:
-        """Refill once this start is over (its port answers, or it exited): spares importing next to a start
-        would slow it down."""
+        """Refill once this start is over (its port or socket answers, or it exited): spares importing next to a
+        start would slow it down."""
         deadline = self.clock() + limit
         while not engine.exited and self.clock() < deadline and not self.closed:
             with contextlib.suppress(OSError):
-                _, writer = await asyncio.wait_for(asyncio.open_connection(eng.LOOPBACK, engine.port), 2.0)
+                _, writer = await asyncio.wait_for(eng.open_connection(engine.address), 2.0)
                 writer.close()
                 await asyncio.sleep(2.0)  # vllama's warm-up request
                 break

@@ -33,7 +33,7 @@ import httptools
 from starlette.types import Receive, Scope, Send
 
 from vllama import lora
-from vllama.engine import LOOPBACK, EngineProcess, engine_exited
+from vllama.engine import EngineProcess, engine_exited, url_of
 from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, VllamaError
 from vllama.instance import Instance
 from vllama.manager import Manager
@@ -137,8 +137,9 @@ class UpstreamResponse(Protocol):
 
 
 class Client(Protocol):
-    async def post(self, port: int, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
-        """Raises OSError (or a client-specific error in CLIENT_ERRORS) if vLLM cannot be reached."""
+    async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        """POST to the child at `address` (`unix:/path` or `127.0.0.1:port`: `EngineProcess.address`). Raises
+        OSError (or a client-specific error in CLIENT_ERRORS) if vLLM cannot be reached."""
         ...
 
     async def close(self) -> None: ...
@@ -151,10 +152,10 @@ class UpstreamClosed(ConnectionError):
 class _Conn(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to a vLLM server; also the UpstreamResponse of its current request."""
 
-    def __init__(self, pool: RawClient, port: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: RawClient, address: str, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
-        self.port = port
+        self.address = address
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -179,7 +180,7 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -292,19 +293,20 @@ class _Conn(asyncio.Protocol):
 
 
 class RawClient:
-    """Keep-alive connections to each vLLM server (by port), most recently used first."""
+    """Keep-alive connections to each vLLM server (by address), most recently used first."""
 
     def __init__(self) -> None:
-        self.idle: dict[int, list[_Conn]] = {}
+        self.idle: dict[str, list[_Conn]] = {}
 
-    async def post(self, port: int, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
-        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nhost: ", f"{LOOPBACK}:{port}".encode(), b"\r\n"]
+    async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        host = b"localhost" if address.startswith("unix:") else address.encode()
+        head = [b"POST ", path.encode(), b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
         for k, v in headers:
             head += (k, b": ", v, b"\r\n")
         head += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
         request = b"".join(head)
         for attempt in (1, 2):
-            conn, reused = await self._connection(port, fresh=attempt > 1)
+            conn, reused = await self._connection(address, fresh=attempt > 1)
             conn.begin()
             assert conn.transport is not None
             conn.transport.write(request)
@@ -324,32 +326,36 @@ class RawClient:
             return conn
         raise AssertionError("unreachable")
 
-    async def _connection(self, port: int, fresh: bool) -> tuple[_Conn, bool]:
-        idle = self.idle.get(port)
+    async def _connection(self, address: str, fresh: bool) -> tuple[_Conn, bool]:
+        idle = self.idle.get(address)
         while idle and not fresh:
             conn = idle.pop()
             conn.idle = False
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn, True
         loop = asyncio.get_running_loop()
-        transport, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Conn(self, port, loop), LOOPBACK, port), _CONNECT_TIMEOUT
-        )
+        path = address.removeprefix("unix:")
+        if path != address:
+            connecting = loop.create_unix_connection(lambda: _Conn(self, address, loop), path)
+        else:
+            host, _, port = address.rpartition(":")
+            connecting = loop.create_connection(lambda: _Conn(self, address, loop), host, int(port))
+        transport, conn = await asyncio.wait_for(connecting, _CONNECT_TIMEOUT)
         conn.transport = transport  # uvloop may call connection_made only later
         return conn, False
 
     def give_back(self, conn: _Conn) -> None:
         conn.idle = True
-        self.idle.setdefault(conn.port, []).append(conn)
+        self.idle.setdefault(conn.address, []).append(conn)
 
     def discard(self, conn: _Conn) -> None:
         conn.idle = False
-        idle = self.idle.get(conn.port)
+        idle = self.idle.get(conn.address)
         if idle is not None:
             with contextlib.suppress(ValueError):
                 idle.remove(conn)
             if not idle:
-                del self.idle[conn.port]
+                del self.idle[conn.address]
 
     async def close(self) -> None:
         for conns in list(self.idle.values()):
@@ -381,17 +387,19 @@ class AiohttpClient:
     def __init__(self) -> None:
         import aiohttp
 
+        from vllama.engine import ChildConnector
+
         self.aiohttp = aiohttp
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
+            connector=ChildConnector(limit=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
 
-    async def post(self, port: int, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+    async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
         hdrs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
-        r = await self.session.post(f"http://{LOOPBACK}:{port}{path}", data=body, headers=hdrs)
+        r = await self.session.post(f"{url_of(address)}{path}", data=body, headers=hdrs)
         return _AiohttpResponse(r)
 
     async def close(self) -> None:
@@ -424,17 +432,25 @@ class HttpxClient:
     def __init__(self) -> None:
         import httpx
 
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=_CONNECT_TIMEOUT),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        )
+        self.httpx = httpx
+        self.clients: dict[str, Any] = {}  # address → its client (httpx reaches one Unix socket per transport)
 
-    async def post(self, port: int, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
-        request = self.client.build_request("POST", f"http://{LOOPBACK}:{port}{path}", content=body, headers=headers)
-        return _HttpxResponse(await self.client.send(request, stream=True))
+    async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        client = self.clients.get(address)
+        if client is None:
+            uds = address.removeprefix("unix:") if address.startswith("unix:") else None
+            limits = self.httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            client = self.clients[address] = self.httpx.AsyncClient(
+                transport=self.httpx.AsyncHTTPTransport(uds=uds, limits=limits),
+                timeout=self.httpx.Timeout(None, connect=_CONNECT_TIMEOUT),
+            )
+        base = "http://localhost" if address.startswith("unix:") else f"http://{address}"
+        request = client.build_request("POST", f"{base}{path}", content=body, headers=headers)
+        return _HttpxResponse(await client.send(request, stream=True))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -546,7 +562,7 @@ class Relay:
         try:
             try:
                 async with asyncio.timeout(self.response_timeout):
-                    up = await self.client.post(engine.port, path, headers, body)
+                    up = await self.client.post(engine.address, path, headers, body)
             except TimeoutError:
                 # no answer in time: a hung child is killed (and started afresh by the next request)
                 hung = await inst.check_hung(engine)

@@ -55,6 +55,9 @@ async def info(request: Request) -> dict[str, Any]:
         "home": str(s.home),
         "models_file": str(s.models_path),
         "logs_dir": str(s.logs_dir),
+        "child_transport": s.child_transport,  # uds: children on Unix sockets in socket_dir; tcp: on port_range
+        "socket_dir": str(s.run_dir) if s.child_transport == "uds" else None,
+        "port_range": list(s.port_range) if s.child_transport == "tcp" else None,
         "config_error": m.config_error,
         "configured_models": configured,
         "device_kind": m.probe.kind,

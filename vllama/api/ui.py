@@ -82,7 +82,7 @@ PAGE = """<!doctype html>
   <div class="devices" id="devices"><div class="empty">…</div></div>
   <h2>Models</h2>
   <table>
-    <thead><tr><th>Model</th><th>State</th><th>Port</th><th>Devices</th><th>Memory</th><th>In flight</th>
+    <thead><tr><th>Model</th><th>State</th><th>Address</th><th>Devices</th><th>Memory</th><th>In flight</th>
       <th>Idle</th><th>Next step</th><th>Actions</th></tr></thead>
     <tbody id="models"></tbody>
   </table>
@@ -170,7 +170,7 @@ function renderModels(rows) {
     return `<tr data-model="${esc(r.model)}">
       <td><b>${esc(r.model)}</b>${error}</td>
       <td><span class="state s-${esc(r.state)}" data-state="${esc(r.state)}">${esc(r.state + level)}</span></td>
-      <td class="num">${esc(r.port || "-")}</td>
+      <td class="num">${esc(r.socket ? r.socket.split("/").pop() : (r.port || "-"))}</td>
       <td>${esc((r.state !== "stopped" && (r.devices || []).join(",")) || "-")}</td>
       <td class="num">${memory}</td>
       <td class="num">${esc(r.in_flight == null ? "-" : r.in_flight)}</td>

@@ -2,7 +2,7 @@
 
 Launched exactly like vLLM, so the manager cannot tell the difference:
 
-    python -m vllama.testing.fake_engine --model M --served-model-name NAME --host 127.0.0.1 --port P
+    python -m vllama.testing.fake_engine --model M --served-model-name NAME (--host 127.0.0.1 --port P | --uds PATH)
         [--gpu-memory-utilization U] [--max-model-len N] [--tensor-parallel-size T] [--pipeline-parallel-size P]
         [--enable-sleep-mode]
 
@@ -64,6 +64,7 @@ import json
 import math
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -610,6 +611,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds", default=None)  # a Unix socket path: then --host and --port are ignored, as in vLLM
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=parse_len, default=2048)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -672,8 +674,16 @@ async def serve(args: argparse.Namespace, engine: FakeEngine) -> None:
     )
     await runner.setup()
     try:
-        log(f"Starting vLLM API server 0 on http://{args.host}:{args.port}")
-        await web.TCPSite(runner, args.host, args.port).start()
+        if args.uds:
+            log(f"Starting vLLM API server 0 on unix:{args.uds}")
+            # bound here, like vLLM does: bind() over an existing file fails (EADDRINUSE) where asyncio's own
+            # unix server would remove a leftover socket first
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(args.uds)
+            await web.SockSite(runner, sock).start()
+        else:
+            log(f"Starting vLLM API server 0 on http://{args.host}:{args.port}")
+            await web.TCPSite(runner, args.host, args.port).start()
         log("Application startup complete.")
         await stopping.wait()
         log("Shutting down FastAPI HTTP server.")
@@ -722,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, flush=True)
         print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
         return 1
-    except OSError as e:  # the port is taken
+    except OSError as e:  # the port (or socket path) is taken
         print(f"OSError: {e}", flush=True)
         return 1
     finally:

@@ -186,6 +186,12 @@ class _Daemon:
         return groups
 
 
+def _unix_sockets(proc: psutil.Process) -> int:
+    with contextlib.suppress(psutil.Error):
+        return len(proc.net_connections(kind="unix"))
+    return 0
+
+
 def _expected_text(text: str, max_tokens: int) -> str:
     words = ["echo:", *text.split()]
     return " ".join(words[i] if i < len(words) else f"tok{i}" for i in range(max_tokens))
@@ -267,6 +273,7 @@ async def _drive(cfg: SoakConfig, daemon: _Daemon, result: SoakResult) -> None:
                 await r.read()
         result.rss_start = result.rss_peak = daemon.ps.memory_info().rss
         result.fds_start = daemon.ps.num_fds()
+        unix_start = _unix_sockets(daemon.ps)
 
         async def worker() -> None:
             nonlocal next_index
@@ -312,6 +319,8 @@ async def _drive(cfg: SoakConfig, daemon: _Daemon, result: SoakResult) -> None:
     with contextlib.suppress(psutil.Error):
         conns = daemon.ps.net_connections(kind="tcp")
         result.upstream_pool = sum(1 for c in conns if c.raddr and c.laddr.port != daemon.port)  # outgoing ones
+        # children on Unix sockets: the connections to them are the Unix sockets opened since the start
+        result.upstream_pool += max(0, _unix_sockets(daemon.ps) - unix_start)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         async with http.get(f"{daemon.url}/vllama/ps") as r:
             rows = (await r.json())["models"]

@@ -50,7 +50,7 @@ PHASES = [
     ("engine_core", re.compile(r"EngineCore.*Initializing a V1 LLM engine|Initializing a V1 LLM engine")),
     ("worker", re.compile(r"\((?:Worker|VllmWorker)[^)]*pid=")),  # a worker process (CPU build, TP > 1)
     ("weights", re.compile(r"Loading weights took|Model loading took")),
-    ("compiled", re.compile(r"torch\.compile takes|Compil(?:ing|ed) a graph|Directly load the compiled graph")),
+    ("compiled", re.compile(r"torch\.compile takes|Compil(?:ing|ed) a graph|Directly load the compiled|saved AOT")),
     ("engine_ready", re.compile(r"init engine \(profile, create kv cache, warmup model\) took")),
     ("server_up", re.compile(r"Starting vLLM (?:API )?server|Application startup complete")),
 ]

@@ -122,6 +122,39 @@ def wait_until_gone(groups: set[int], timeout: float = 30.0) -> list[int]:
     return alive
 
 
+@contextlib.contextmanager
+def stray_server_and_guard(
+    env: dict[str, str], server_at: list[str], guard_at: list[str]
+) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """What another vllama can leave at our children's addresses: a fake vLLM server listening at `server_at`
+    (`--uds PATH` or `--host H --port N`), and a vllama guard whose server hangs before it listens at `guard_at`
+    (still starting: only its command line tells). Both are killed, with their groups, on the way out."""
+    server = subprocess.Popen(
+        [*FAKE_ENGINE, "--model", "stray", *server_at],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    guard = subprocess.Popen(
+        [
+            *[sys.executable, "-m", "vllama.guard", "--parent", str(os.getpid()), "--grace", "1", "--"],
+            *[*FAKE_ENGINE, "--model", "stray2", *guard_at],
+        ],
+        env={**env, "FAKE_ENGINE_HANG": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield server, guard
+    finally:
+        for p in (server, guard):
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
 def engine_client(row: dict[str, Any], timeout: float = 60.0) -> httpx.Client:
     """A client straight to the child of a `vllama ps` row (past vllama): over its Unix socket, or its port."""
     if row.get("socket"):

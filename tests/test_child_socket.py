@@ -8,7 +8,6 @@ path, and an older vLLM without --uds. The real-vLLM check is in test_e2e_vllm.p
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -24,7 +23,14 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import FAKE_ENGINE, Daemon, engine_client, new_fake_daemon, processes_in_groups, wait_until_gone
+from tests.conftest import (
+    Daemon,
+    engine_client,
+    new_fake_daemon,
+    processes_in_groups,
+    stray_server_and_guard,
+    wait_until_gone,
+)
 from tests.test_manager_fake import assert_echo, chat, open_stream, ps, wait_for
 from vllama import engine as eng
 from vllama.config import UNIX_PATH_MAX, socket_dir
@@ -165,24 +171,8 @@ def test_strays_in_the_socket_folder_are_reported_and_skipped(daemon: Daemon) ->
     run_dir = daemon.home / "run"
     eng.private_dir(run_dir)
     env = {k: v for k, v in daemon.env.items() if not k.startswith("VLLAMA_FAKE")} | {"FAKE_ENGINE_STARTUP_S": "0"}
-    server = subprocess.Popen(
-        [*FAKE_ENGINE, "--model", "stray", "--uds", str(run_dir / "A-1.sock")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    guard = subprocess.Popen(
-        [
-            *[sys.executable, "-m", "vllama.guard", "--parent", str(os.getpid()), "--grace", "1", "--"],
-            *[*FAKE_ENGINE, "--model", "stray2", "--uds", str(run_dir / "B-1.sock")],
-        ],
-        env={**env, "FAKE_ENGINE_HANG": "1"},  # still "starting": no socket yet, its --uds tells
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    at_a, at_b = ["--uds", str(run_dir / "A-1.sock")], ["--uds", str(run_dir / "B-1.sock")]
+    with stray_server_and_guard(env, at_a, at_b) as (server, guard):
         wait_for(lambda: eng.socket_in_use(run_dir / "A-1.sock"), 15, what="the stray server to listen")
         wait_for(lambda: psutil.Process(guard.pid).children(), 5, what="the stray guard's child")
         daemon.write_models({"A": {"gpu_memory_gib": 2}, "B": {"gpu_memory_gib": 2}})
@@ -202,11 +192,6 @@ def test_strays_in_the_socket_folder_are_reported_and_skipped(daemon: Daemon) ->
         daemon.stop()
         assert server.poll() is None and guard.poll() is None, "vllama killed processes it did not start"
         assert (run_dir / "A-1.sock").exists(), "vllama removed a socket that a live stray answers on"
-    finally:
-        for p in (server, guard):
-            with contextlib.suppress(OSError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
 
 
 def test_a_home_too_long_for_a_socket_path_uses_a_short_private_folder(tmp_path: Path) -> None:

@@ -17,8 +17,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import FAKE_ENGINE, Daemon, processes_in_groups, wait_until_gone
+from tests.conftest import Daemon, processes_in_groups, stray_server_and_guard, wait_until_gone
 from tests.test_manager_fake import (
     Gate,
     Stream,
@@ -473,24 +471,8 @@ def test_restarted_daemon_reports_strays_and_skips_their_ports(fake_daemon: Daem
     lo, _ = port_range(fake_daemon)
     env = {k: v for k, v in fake_daemon.env.items() if not k.startswith("VLLAMA_FAKE")}
     env["FAKE_ENGINE_STARTUP_S"] = "0"
-    server = subprocess.Popen(
-        [*FAKE_ENGINE, "--model", "stray", "--host", "127.0.0.1", "--port", str(lo)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    guard = subprocess.Popen(
-        [
-            *[sys.executable, "-m", "vllama.guard", "--parent", str(os.getpid()), "--grace", "1", "--"],
-            *[*FAKE_ENGINE, "--model", "stray2", "--host", "127.0.0.1", "--port", str(lo + 1)],
-        ],
-        env={**env, "FAKE_ENGINE_HANG": "1"},  # still "starting": not listening yet, its --port tells
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    at = ["--host", "127.0.0.1", "--port"]
+    with stray_server_and_guard(env, [*at, str(lo)], [*at, str(lo + 1)]) as (server, guard):
         wait_for(lambda: lo in listening_ports(lo, lo), 15, what="the stray server to listen")
         wait_for(lambda: psutil.Process(guard.pid).children(), 5, what="the stray guard's child")
         fake_daemon.write_models({"A": {"gpu_memory_gib": 2}, "B": {"gpu_memory_gib": 2}})
@@ -515,11 +497,6 @@ def test_restarted_daemon_reports_strays_and_skips_their_ports(fake_daemon: Daem
                 assert row["pid"] in ours
         fake_daemon.stop()
         assert server.poll() is None and guard.poll() is None, "vllama killed processes it did not start"
-    finally:
-        for p in (server, guard):
-            with contextlib.suppress(OSError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
 
 
 def test_sigterm_stops_accepting_drains_bounded_and_stops_children(fake_daemon: Daemon) -> None:

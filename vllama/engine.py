@@ -293,18 +293,30 @@ def pick_socket(run_dir: Path, name: str, taken: Iterable[object]) -> Path:
     raise EngineError(f"no free socket name for {name!r} in {run_dir}")
 
 
-# aiohttp reaches a child's socket through a URL whose host stands for the socket (see ChildConnector)
+def socket_path(address: str) -> str | None:
+    """The Unix socket of a child's address (`LaunchSpec.address`): None for `127.0.0.1:port`."""
+    return address[len("unix:") :] if address.startswith("unix:") else None
+
+
+# aiohttp reaches a child's socket through a URL whose host stands for the socket (see ChildConnector); both
+# maps hold one entry per address ever used (a few per model), so a URL is made once, not per request
 _SOCKET_HOSTS: dict[str, str] = {}
+_URLS: dict[str, str] = {}
 
 
 def url_of(address: str) -> str:
     """The base URL of a child at `address` (`LaunchSpec.address`) for a session with a ChildConnector."""
-    path = address.removeprefix("unix:")
-    if path == address:
-        return f"http://{address}"
-    host = f"uds-{hashlib.sha256(os.fsencode(path)).hexdigest()[:20]}.vllama.invalid"
-    _SOCKET_HOSTS[host] = path  # one entry per socket path ever used: a few per model
-    return f"http://{host}"
+    url = _URLS.get(address)
+    if url is None:
+        path = socket_path(address)
+        if path is None:
+            url = f"http://{address}"
+        else:
+            host = f"uds-{hashlib.sha256(os.fsencode(path)).hexdigest()[:20]}.vllama.invalid"
+            _SOCKET_HOSTS[host] = path
+            url = f"http://{host}"
+        _URLS[address] = url
+    return url
 
 
 class ChildConnector(aiohttp.TCPConnector):
@@ -331,8 +343,8 @@ def child_session() -> aiohttp.ClientSession:
 
 
 async def open_connection(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    path = address.removeprefix("unix:")
-    if path != address:
+    path = socket_path(address)
+    if path is not None:
         return await asyncio.open_unix_connection(path)
     host, _, port = address.rpartition(":")
     return await asyncio.open_connection(host, int(port))

@@ -33,7 +33,7 @@ import httptools
 from starlette.types import Receive, Scope, Send
 
 from vllama import lora
-from vllama.engine import EngineProcess, engine_exited, url_of
+from vllama.engine import EngineProcess, engine_exited, socket_path, url_of
 from vllama.errors import BadRequest, PayloadTooLarge, UpstreamError, UpstreamTimeout, VllamaError
 from vllama.instance import Instance
 from vllama.manager import Manager
@@ -299,7 +299,7 @@ class RawClient:
         self.idle: dict[str, list[_Conn]] = {}
 
     async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
-        host = b"localhost" if address.startswith("unix:") else address.encode()
+        host = b"localhost" if socket_path(address) is not None else address.encode()
         head = [b"POST ", path.encode(), b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
         for k, v in headers:
             head += (k, b": ", v, b"\r\n")
@@ -334,8 +334,8 @@ class RawClient:
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn, True
         loop = asyncio.get_running_loop()
-        path = address.removeprefix("unix:")
-        if path != address:
+        path = socket_path(address)
+        if path is not None:
             connecting = loop.create_unix_connection(lambda: _Conn(self, address, loop), path)
         else:
             host, _, port = address.rpartition(":")
@@ -438,13 +438,13 @@ class HttpxClient:
     async def post(self, address: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
         client = self.clients.get(address)
         if client is None:
-            uds = address.removeprefix("unix:") if address.startswith("unix:") else None
+            uds = socket_path(address)
             limits = self.httpx.Limits(max_connections=None, max_keepalive_connections=None)
             client = self.clients[address] = self.httpx.AsyncClient(
                 transport=self.httpx.AsyncHTTPTransport(uds=uds, limits=limits),
                 timeout=self.httpx.Timeout(None, connect=_CONNECT_TIMEOUT),
             )
-        base = "http://localhost" if address.startswith("unix:") else f"http://{address}"
+        base = "http://localhost" if socket_path(address) is not None else f"http://{address}"
         request = client.build_request("POST", f"{base}{path}", content=body, headers=headers)
         return _HttpxResponse(await client.send(request, stream=True))
 
